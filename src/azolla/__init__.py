@@ -1,0 +1,1 @@
+"""Azolla: a durable, fast, simple async task platform on PostgreSQL."""

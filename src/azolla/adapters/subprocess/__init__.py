@@ -1,0 +1,1 @@
+"""Azolla adapters subprocess package."""

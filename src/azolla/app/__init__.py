@@ -1,0 +1,1 @@
+"""Azolla app package."""

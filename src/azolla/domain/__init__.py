@@ -1,0 +1,1 @@
+"""Azolla domain package."""

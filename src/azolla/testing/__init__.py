@@ -1,0 +1,1 @@
+"""Azolla testing package."""
