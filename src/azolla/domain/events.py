@@ -1,0 +1,127 @@
+"""The persisted form of domain events: stable type names and JSON payloads.
+
+This module is the contract of the event log. Each event class has a ``TYPE`` such as
+``"TaskSubmitted.v1"``; its payload is a JSON object holding the event's own fields plus
+``"at"`` (the event time, epoch seconds). The stream id and version are columns, not payload.
+A change to a payload's shape gets a new ``TYPE`` version; old versions stay decodable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from eventsourcing.domain import Aggregate, CanMutateAggregate
+from eventsourcing.utils import get_topic
+
+from azolla.domain.attempt import Attempt
+from azolla.domain.ports import NewEvent, StoredEvent
+from azolla.domain.shepherd import Shepherd
+from azolla.domain.task import Task
+
+__all__ = [
+    "EVENT_CLASSES",
+    "TERMINAL_TYPES",
+    "decode",
+    "encode",
+    "encode_pending",
+    "payload_of",
+    "rebuild",
+]
+
+_BASE_FIELDS = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+
+_AGGREGATES: tuple[type[Aggregate], ...] = (Task, Attempt, Shepherd)
+
+
+def _event_classes() -> dict[str, tuple[type[Any], type[Aggregate]]]:
+    found: dict[str, tuple[type[Any], type[Aggregate]]] = {}
+    for aggregate in _AGGREGATES:
+        for value in vars(aggregate).values():
+            type_name = getattr(value, "TYPE", None)
+            if isinstance(value, type) and isinstance(type_name, str):
+                if type_name in found:
+                    raise RuntimeError(f"duplicate event type {type_name}")
+                found[type_name] = (value, aggregate)
+    return found
+
+
+#: Stable type name → (event class, aggregate class).
+EVENT_CLASSES = _event_classes()
+#: Type names of events that end a task.
+TERMINAL_TYPES = frozenset(
+    name for name, (cls, _) in EVENT_CLASSES.items() if getattr(cls, "TERMINAL", False)
+)
+_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE_FIELDS)
+    for cls, _ in EVENT_CLASSES.values()
+}
+_TOPICS = {aggregate: get_topic(aggregate) for aggregate in _AGGREGATES}
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+class _Located(Protocol):
+    domain: str
+    partition_day: int
+
+
+def payload_of(event: Any) -> dict[str, Any]:
+    """Return the JSON-ready payload of a domain event (its fields plus ``"at"``)."""
+    payload = {name: getattr(event, name) for name in _FIELDS[type(event)]}
+    payload["at"] = event.timestamp.timestamp()
+    return payload
+
+
+def encode(event: Any, *, domain: str, partition_day: int) -> NewEvent:
+    """Turn a domain event into a :class:`~azolla.domain.ports.NewEvent`."""
+    cls = type(event)
+    return NewEvent(
+        stream_id=event.originator_id,
+        version=event.originator_version,
+        type=cls.TYPE,
+        payload=_dumps(payload_of(event)),
+        domain=domain,
+        partition_day=partition_day,
+        terminal=getattr(cls, "TERMINAL", False),
+    )
+
+
+def encode_pending(aggregate: Aggregate) -> list[NewEvent]:
+    """Collect an aggregate's pending events and encode them (clears the pending list)."""
+    located: _Located = aggregate  # type: ignore[assignment]
+    return [
+        encode(event, domain=located.domain, partition_day=located.partition_day)
+        for event in aggregate.collect_events()
+    ]
+
+
+def decode(stored: StoredEvent) -> CanMutateAggregate[Any]:
+    """Turn a stored event back into its domain event.
+
+    Raises:
+        KeyError: The type name is unknown.
+    """
+    cls, aggregate = EVENT_CLASSES[stored.type]
+    payload = json.loads(stored.payload)
+    at = payload.pop("at")
+    kwargs = {name: payload[name] for name in _FIELDS[cls]}
+    if issubclass(cls, Aggregate.Created):
+        kwargs["originator_topic"] = _TOPICS[aggregate]
+    event: CanMutateAggregate[Any] = cls(
+        originator_id=stored.stream_id,
+        originator_version=stored.version,
+        timestamp=datetime.fromtimestamp(at, tz=UTC),
+        **kwargs,
+    )
+    return event
+
+
+def rebuild(events: Iterable[StoredEvent]) -> Aggregate | None:
+    """Fold stored events of one stream into its aggregate (None for no events)."""
+    aggregate: Aggregate | None = None
+    for stored in events:
+        aggregate = decode(stored).mutate(aggregate)
+    return aggregate

@@ -1,0 +1,199 @@
+"""Retry policy and the decisions it drives.
+
+Rules (the same in the docs, ``docs/concepts.md``):
+
+* An attempt's error is retried only if **all** of these hold:
+
+  1. the error's ``retriable`` flag is true (a worker's ``retriable=false`` always stops);
+  2. its type is not in ``exclude_errors``;
+  3. ``include_errors`` is empty **or** contains its type (an empty or absent include list
+     means "every retriable error type", never "no error type");
+  4. fewer than ``max_attempts`` attempts have started (``None``: no attempt limit);
+  5. the retry would start no later than ``max_total_delay`` seconds after the task was
+     submitted (``None``: no time limit).
+
+* The wait before the retry that follows attempt *n* (n = 1, 2, ...):
+
+  * ``fixed``: ``initial_delay``;
+  * ``exponential``: ``min(max_delay, initial_delay * multiplier ** (n - 1))``, so the first
+    retry waits exactly ``initial_delay``;
+  * ``exponential_jitter`` (the default): a uniform sample from ``[0, bound]`` where ``bound``
+    is the exponential value above ("full jitter"), so the first retry waits at most
+    ``initial_delay``.
+
+* Infrastructure failures (the shepherd running the attempt vanished, or its lease expired
+  without word) are retried immediately while attempts remain, whatever the error filters say.
+
+Defaults (a request with no policy): 5 attempts, exponential with full jitter, initial 1 s,
+multiplier 2, cap 300 s, no total limit, no filters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from azolla.domain.errors import InvalidRetryPolicy
+
+__all__ = [
+    "RetryDecision",
+    "RetryPolicy",
+    "WaitKind",
+    "decide_retry",
+    "has_attempts_left",
+    "retry_delay",
+]
+
+MAX_ATTEMPTS_LIMIT = 10_000
+MAX_DELAY_SECONDS = 365 * 86_400.0
+
+
+class WaitKind(StrEnum):
+    """How the wait between attempts grows."""
+
+    FIXED = "fixed"
+    EXPONENTIAL = "exponential"
+    EXPONENTIAL_JITTER = "exponential_jitter"
+
+
+class RetryPolicy(BaseModel):
+    """When and how soon a failed task is tried again. See the module docstring for the rules.
+
+    Attributes:
+        max_attempts: Most attempts in total (the first run counts), or None for no limit.
+        max_total_delay: Latest start of a retry, in seconds after submission, or None.
+        wait: The wait strategy.
+        initial_delay: Seconds before the first retry (the upper bound with jitter); for
+            ``fixed`` the wait before every retry.
+        multiplier: Growth factor per attempt for the exponential strategies (>= 1).
+        max_delay: Cap on a single wait, in seconds.
+        include_errors: Error types that may be retried; empty means all.
+        exclude_errors: Error types that are never retried.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int | None = Field(default=5, ge=1, le=MAX_ATTEMPTS_LIMIT)
+    max_total_delay: float | None = Field(default=None, ge=0, le=MAX_DELAY_SECONDS)
+    wait: WaitKind = WaitKind.EXPONENTIAL_JITTER
+    initial_delay: float = Field(default=1.0, ge=0, le=MAX_DELAY_SECONDS)
+    multiplier: float = Field(default=2.0, ge=1.0, le=1000.0)
+    max_delay: float = Field(default=300.0, ge=0, le=MAX_DELAY_SECONDS)
+    include_errors: tuple[str, ...] = ()
+    exclude_errors: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> RetryPolicy:
+        if self.max_attempts is None and self.max_total_delay is None:
+            raise ValueError("a policy without max_attempts needs max_total_delay")
+        return self
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> RetryPolicy:
+        """Validate a policy from its dict form.
+
+        Raises:
+            InvalidRetryPolicy: With a readable message when a value is out of range.
+        """
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'policy'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InvalidRetryPolicy(f"invalid retry policy: {problems}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form stored in events."""
+        return self.model_dump(mode="json")
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    """The outcome of :func:`decide_retry`.
+
+    Attributes:
+        retry: Whether another attempt will run.
+        delay: Seconds to wait before it (0 when not retrying).
+        reason: Why, in words (recorded and shown to operators).
+    """
+
+    retry: bool
+    delay: float
+    reason: str
+
+
+def retry_delay(policy: RetryPolicy, failed_attempt: int, jitter: float) -> float:
+    """Return the wait before the retry that follows attempt ``failed_attempt`` (from 1).
+
+    Args:
+        policy: The task's policy.
+        failed_attempt: The number of the attempt that just failed.
+        jitter: A uniform sample from [0, 1), used only by ``exponential_jitter``.
+    """
+    if policy.wait is WaitKind.FIXED:
+        return min(policy.initial_delay, policy.max_delay)
+    exponent = max(failed_attempt - 1, 0)
+    try:
+        bound = policy.initial_delay * policy.multiplier**exponent
+    except OverflowError:
+        bound = policy.max_delay
+    bound = min(bound, policy.max_delay)
+    if policy.wait is WaitKind.EXPONENTIAL:
+        return bound
+    return bound * min(max(jitter, 0.0), 1.0)
+
+
+def has_attempts_left(policy: RetryPolicy, attempts_started: int) -> bool:
+    """Return True when the policy allows another attempt after ``attempts_started``."""
+    return policy.max_attempts is None or attempts_started < policy.max_attempts
+
+
+def error_type_retries(policy: RetryPolicy, error_type: str, retriable: bool) -> bool:
+    """Apply the retriable flag and the include/exclude filters to one error type."""
+    if not retriable:
+        return False
+    if error_type in policy.exclude_errors:
+        return False
+    return not policy.include_errors or error_type in policy.include_errors
+
+
+def decide_retry(
+    policy: RetryPolicy,
+    *,
+    attempts_started: int,
+    error_type: str,
+    retriable: bool,
+    submitted_at: float,
+    now: float,
+    jitter: float,
+) -> RetryDecision:
+    """Decide whether a failed attempt is retried, and after how long.
+
+    Args:
+        policy: The task's policy.
+        attempts_started: Attempts started so far, including the one that failed.
+        error_type: The failure's type name.
+        retriable: The failure's retriable flag.
+        submitted_at: When the task was submitted (epoch seconds).
+        now: The current time (epoch seconds).
+        jitter: A uniform sample from [0, 1).
+    """
+    if not retriable:
+        return RetryDecision(False, 0.0, "the error is not retriable")
+    if not error_type_retries(policy, error_type, retriable):
+        return RetryDecision(False, 0.0, f"the policy does not retry {error_type}")
+    if not has_attempts_left(policy, attempts_started):
+        return RetryDecision(False, 0.0, f"all {policy.max_attempts} attempts used")
+    delay = retry_delay(policy, attempts_started, jitter)
+    if policy.max_total_delay is not None and now + delay - submitted_at > policy.max_total_delay:
+        return RetryDecision(False, 0.0, f"retrying would pass max_total_delay "
+                                         f"({policy.max_total_delay} s)")
+    return RetryDecision(True, delay, f"retry {attempts_started + 1} in {delay:.3f} s")

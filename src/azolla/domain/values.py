@@ -1,0 +1,229 @@
+"""Value types shared by the aggregates: states, error records, ids and task specs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from uuid import UUID, uuid5
+
+from azolla.domain.errors import InvalidTaskSpec
+
+__all__ = [
+    "DEFAULT_DOMAIN",
+    "DEFAULT_GROUP",
+    "TERMINAL_TASK_STATES",
+    "AttemptState",
+    "ErrorInfo",
+    "SpecLimits",
+    "TaskState",
+    "attempt_stream_id",
+    "check_json_array",
+    "check_json_object",
+    "check_name",
+    "partition_day",
+    "shepherd_stream_id",
+]
+
+DEFAULT_DOMAIN = "default"
+DEFAULT_GROUP = "default"
+SECONDS_PER_DAY = 86_400
+_ATTEMPT_NAMESPACE = UUID("6f1f0e2a-5d0b-4c1e-9a53-1b7b7d9e4a01")
+_SHEPHERD_NAMESPACE = UUID("0b8f5c1e-2f3a-4d7b-8e6c-9a4d2c1b3e02")
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRY_WAIT = "retry_wait"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class AttemptState(StrEnum):
+    """Where one attempt is in its life."""
+
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+LIVE_ATTEMPT_STATES = frozenset({AttemptState.ASSIGNED, AttemptState.RUNNING})
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A failure as recorded: the error's type name, message, details and retry flag.
+
+    Attributes:
+        type: Error type name, e.g. ``"ValueError"`` or ``"WorkerCrashed"``.
+        message: Human-readable message.
+        data: JSON-serialisable details (exit code, signal, stderr tail, ...).
+        retriable: False stops retries whatever the policy says.
+    """
+
+    type: str
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    retriable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form used in event payloads."""
+        return {
+            "type": self.type,
+            "message": self.message,
+            "data": self.data,
+            "retriable": self.retriable,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ErrorInfo:
+        """Build from the JSON form of :meth:`to_dict`."""
+        return cls(
+            type=str(raw.get("type", "")),
+            message=str(raw.get("message", "")),
+            data=dict(raw.get("data") or {}),
+            retriable=bool(raw.get("retriable", True)),
+        )
+
+
+def partition_day(timestamp: float) -> int:
+    """Return the UTC day number (days since the Unix epoch) of ``timestamp``."""
+    return int(timestamp // SECONDS_PER_DAY)
+
+
+def attempt_stream_id(task_id: UUID, number: int) -> UUID:
+    """Return the deterministic stream id of attempt ``number`` of ``task_id``."""
+    return uuid5(_ATTEMPT_NAMESPACE, f"{task_id}/{number}")
+
+
+def shepherd_stream_id(shepherd_uuid: str) -> UUID:
+    """Return the stream id for a shepherd's self-chosen id (a UUID, or any string)."""
+    try:
+        return UUID(shepherd_uuid)
+    except ValueError:
+        return uuid5(_SHEPHERD_NAMESPACE, shepherd_uuid)
+
+
+@dataclass(frozen=True, slots=True)
+class SpecLimits:
+    """Bounds on what a submission may contain.
+
+    Attributes:
+        max_name_length: Longest task name, domain or group, in characters.
+        max_payload_bytes: Largest args plus kwargs JSON, in UTF-8 bytes.
+        max_nesting: Deepest nesting of arrays/objects in args or kwargs.
+        max_idempotency_key_length: Longest idempotency key.
+    """
+
+    max_name_length: int = 256
+    max_payload_bytes: int = 1 << 20
+    max_nesting: int = 64
+    max_idempotency_key_length: int = 512
+
+
+def check_name(value: str, what: str, limits: SpecLimits) -> str:
+    """Validate a task name, domain or group and return it.
+
+    A name is 1..``max_name_length`` printable characters without surrounding whitespace.
+
+    Raises:
+        InvalidTaskSpec: With a message naming ``what`` and the rule broken.
+    """
+    if not value:
+        raise InvalidTaskSpec(f"{what} must not be empty")
+    if len(value) > limits.max_name_length:
+        raise InvalidTaskSpec(
+            f"{what} is {len(value)} characters long; the limit is {limits.max_name_length}"
+        )
+    if not value.isprintable() or value.strip() != value:
+        raise InvalidTaskSpec(f"{what} must be printable text without surrounding whitespace")
+    return value
+
+
+def _nesting_depth(text: str) -> int:
+    """Return the maximum bracket nesting depth of JSON ``text`` (ignoring strings)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _parse_json(text: str, what: str, limits: SpecLimits) -> Any:
+    if len(text) > limits.max_payload_bytes or len(text.encode()) > limits.max_payload_bytes:
+        raise InvalidTaskSpec(f"{what} is larger than {limits.max_payload_bytes} bytes")
+    if ("[" in text or "{" in text) and _nesting_depth(text) > limits.max_nesting:
+        raise InvalidTaskSpec(f"{what} nests deeper than {limits.max_nesting} levels")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidTaskSpec(f"{what} is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def check_json_array(text: str, what: str, limits: SpecLimits) -> str:
+    """Validate that ``text`` is a JSON array within the limits; return it ("[]" if empty).
+
+    Raises:
+        InvalidTaskSpec: If it is not valid JSON, not an array, too large or too deep.
+    """
+    if not text:
+        return "[]"
+    if not isinstance(_parse_json(text, what, limits), list):
+        raise InvalidTaskSpec(f"{what} must be a JSON array")
+    return text
+
+
+def check_json_object(text: str, what: str, limits: SpecLimits) -> str:
+    """Validate that ``text`` is a JSON object within the limits; return it ("{}" if empty).
+
+    Raises:
+        InvalidTaskSpec: If it is not valid JSON, not an object, too large or too deep.
+    """
+    if not text:
+        return "{}"
+    if not isinstance(_parse_json(text, what, limits), dict):
+        raise InvalidTaskSpec(f"{what} must be a JSON object")
+    return text
+
+
+def check_finite(value: float | None, what: str, low: float, high: float) -> float | None:
+    """Validate an optional number is finite and within ``[low, high]``.
+
+    Raises:
+        InvalidTaskSpec: If it is NaN, infinite or out of range.
+    """
+    if value is None:
+        return None
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidTaskSpec(f"{what} must be between {low} and {high}, got {value}")
+    return value
