@@ -241,3 +241,7 @@ class ShepherdTransport(Protocol):
     async def cancel(self, task_id: str, attempt: int, reason: str) -> None:
         """Ask the shepherd to stop a running attempt."""
         ...
+
+    async def close(self, reason: str) -> None:
+        """End the connection (e.g. after a heartbeat timeout)."""
+        ...
