@@ -22,7 +22,8 @@ Rules (the same in the docs, ``docs/concepts.md``):
     ``initial_delay``.
 
 * Infrastructure failures (the shepherd running the attempt vanished, or its lease expired
-  without word) are retried immediately while attempts remain, whatever the error filters say.
+  without word) are retried immediately while attempts remain, whatever the error filters say
+  (rules 4 and 5 still apply; rules 1-3 do not).
 
 Defaults (a request with no policy): 5 attempts, exponential with full jitter, initial 1 s,
 multiplier 2, cap 300 s, no total limit, no filters.
@@ -42,6 +43,7 @@ __all__ = [
     "RetryDecision",
     "RetryPolicy",
     "WaitKind",
+    "decide_lost_retry",
     "decide_retry",
     "has_attempts_left",
     "retry_delay",
@@ -69,7 +71,8 @@ class RetryPolicy(BaseModel):
         initial_delay: Seconds before the first retry (the upper bound with jitter); for
             ``fixed`` the wait before every retry.
         multiplier: Growth factor per attempt for the exponential strategies (>= 1).
-        max_delay: Cap on a single wait, in seconds.
+        max_delay: Cap on a single wait of the exponential strategies, in seconds (a
+            ``fixed`` wait is ``initial_delay`` as given: the wire's fixed wait has no cap).
         include_errors: Error types that may be retried; empty means all.
         exclude_errors: Error types that are never retried.
     """
@@ -139,12 +142,14 @@ def retry_delay(policy: RetryPolicy, failed_attempt: int, jitter: float) -> floa
         jitter: A uniform sample from [0, 1), used only by ``exponential_jitter``.
     """
     if policy.wait is WaitKind.FIXED:
-        return min(policy.initial_delay, policy.max_delay)
+        return policy.initial_delay
     exponent = max(failed_attempt - 1, 0)
     try:
         bound = policy.initial_delay * policy.multiplier**exponent
     except OverflowError:
-        bound = policy.max_delay
+        # multiplier ** exponent is past the float range: the cap applies, unless there is
+        # no delay to grow (0 * anything is 0).
+        bound = policy.max_delay if policy.initial_delay else 0.0
     bound = min(bound, policy.max_delay)
     if policy.wait is WaitKind.EXPONENTIAL:
         return bound
@@ -163,6 +168,30 @@ def error_type_retries(policy: RetryPolicy, error_type: str, retriable: bool) ->
     if error_type in policy.exclude_errors:
         return False
     return not policy.include_errors or error_type in policy.include_errors
+
+
+def decide_lost_retry(
+    policy: RetryPolicy, *, attempts_started: int, submitted_at: float, now: float
+) -> RetryDecision:
+    """Decide whether an attempt lost to infrastructure (shepherd gone, lease expired) is retried.
+
+    Such a retry starts at once and ignores the retriable flag and the error filters; the
+    attempt limit and ``max_total_delay`` still apply, so a policy without an attempt limit
+    does not retry a task forever on shepherds that keep dying.
+
+    Args:
+        policy: The task's policy.
+        attempts_started: Attempts started so far, including the lost one.
+        submitted_at: When the task was submitted (epoch seconds).
+        now: The current time (epoch seconds).
+    """
+    if not has_attempts_left(policy, attempts_started):
+        return RetryDecision(False, 0.0, f"all {policy.max_attempts} attempts used")
+    if policy.max_total_delay is not None and now - submitted_at > policy.max_total_delay:
+        return RetryDecision(False, 0.0, f"retrying would pass max_total_delay "
+                                         f"({policy.max_total_delay} s)")
+    return RetryDecision(True, 0.0, f"retry {attempts_started + 1} at once "
+                                    "(infrastructure failure)")
 
 
 def decide_retry(

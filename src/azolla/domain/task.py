@@ -8,14 +8,19 @@ directly; the nested event classes only apply facts.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
 from azolla.domain.errors import InvalidTransition, StaleAttempt, TaskAlreadyTerminal
-from azolla.domain.retry import RetryPolicy, decide_retry, has_attempts_left
+from azolla.domain.retry import (
+    RetryPolicy,
+    decide_lost_retry,
+    decide_retry,
+    has_attempts_left,
+)
 from azolla.domain.values import (
     DEFAULT_GROUP,
     TERMINAL_TASK_STATES,
@@ -31,7 +36,16 @@ TIMEOUT_ERROR = "TaskTimeout"
 
 
 def _ts(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=UTC)
+    """Return ``epoch`` as an aware datetime, truncated (never rounded up) to the microsecond.
+
+    Event times must not postdate the command's ``now``: ``submitted_at`` (read back from the
+    creation event) is the task's first ``ready_at``, and a task started at the very instant it
+    was submitted must be due.
+    """
+    moment = datetime.fromtimestamp(epoch, tz=UTC)
+    if moment.timestamp() > epoch:
+        moment -= timedelta(microseconds=1)
+    return moment
 
 
 def fence(state: TaskState, current_attempt: int | None, reported: int) -> None:
@@ -327,7 +341,8 @@ class Task(Aggregate):
     def lose(self, attempt: int, reason: str, now: float) -> bool:
         """Record that the running attempt was lost (shepherd gone, lease expired unheard).
 
-        Infrastructure failures retry at once while attempts remain, whatever the filters.
+        Infrastructure failures retry at once while attempts remain and ``max_total_delay``
+        has not passed, whatever the error filters say (see :func:`decide_lost_retry`).
 
         Returns:
             True when a retry was scheduled.
@@ -338,13 +353,14 @@ class Task(Aggregate):
         """
         fence(self.state, self.current_attempt, attempt)
         error = ErrorInfo(INFRASTRUCTURE_ERROR, reason, {}, True)
-        if has_attempts_left(self.policy, self.attempts):
+        decision = decide_lost_retry(self.policy, attempts_started=self.attempts,
+                                     submitted_at=self.submitted_at, now=now)
+        if decision.retry:
             self.trigger_event(self.RetryScheduled, timestamp=_ts(now), attempt=attempt,
                                outcome="lost", error=error.to_dict(), retry_at=now)
             return True
         self.trigger_event(self.Failed, timestamp=_ts(now), attempt=attempt, outcome="lost",
-                           error=error.to_dict(),
-                           reason=f"all {self.policy.max_attempts} attempts used")
+                           error=error.to_dict(), reason=decision.reason)
         return False
 
     def cancel(self, reason: str, now: float) -> int | None:

@@ -175,19 +175,35 @@ def _nesting_depth(text: str) -> int:
     return deepest
 
 
+def _utf8_size(text: str, what: str) -> int:
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        # A lone surrogate: not text any database or other language would accept.
+        raise InvalidTaskSpec(f"{what} is not valid UTF-8 text") from None
+
+
 def _parse_json(text: str, what: str, limits: SpecLimits) -> Any:
-    if len(text) > limits.max_payload_bytes or len(text.encode()) > limits.max_payload_bytes:
+    if len(text) > limits.max_payload_bytes or _utf8_size(text, what) > limits.max_payload_bytes:
         raise InvalidTaskSpec(f"{what} is larger than {limits.max_payload_bytes} bytes")
     if ("[" in text or "{" in text) and _nesting_depth(text) > limits.max_nesting:
         raise InvalidTaskSpec(f"{what} nests deeper than {limits.max_nesting} levels")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise InvalidTaskSpec(f"{what} is not valid JSON: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        # 1e400 overflows to infinity, which is as unportable as the Infinity literal.
+        raise ValueError(f"{literal} is not allowed in JSON (not a finite number)")
+    return value
 
 
 def check_json_array(text: str, what: str, limits: SpecLimits) -> str:
