@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import time
 from collections import deque
@@ -48,7 +47,7 @@ from azolla.domain.errors import (
     TaskAlreadyTerminal,
     TaskNotFound,
 )
-from azolla.domain.events import encode_pending, rebuild
+from azolla.domain.events import encode_pending_with_payloads, rebuild
 from azolla.domain.ports import (
     Clock,
     EventStore,
@@ -210,6 +209,7 @@ class _Batch:
     """What one pass of the decision loop produced."""
 
     events: list[NewEvent] = field(default_factory=list)
+    payloads: list[dict[str, Any]] = field(default_factory=list)
     touched_tasks: set[UUID] = field(default_factory=set)
     touched_attempts: set[UUID] = field(default_factory=set)
     touched_shepherds: set[str] = field(default_factory=set)
@@ -222,6 +222,13 @@ class _Batch:
     cancels: list[tuple[ShepherdSession, str, int, str]] = field(default_factory=list)
     reservations: list[tuple[Shepherd, str, int]] = field(default_factory=list)
     released: list[tuple[Shepherd, str, int]] = field(default_factory=list)
+
+
+    def add(self, encoded: list[tuple[NewEvent, dict[str, Any]]]) -> None:
+        """Append encoded events (and their payload dicts)."""
+        for event, payload in encoded:
+            self.events.append(event)
+            self.payloads.append(payload)
 
 
 def _settle(future: asyncio.Future[Any] | None, value: Any) -> None:
@@ -608,7 +615,7 @@ class Orchestrator:
             self.metrics["last_commit_seconds"] = elapsed
             if self.commit_observer is not None:
                 self.commit_observer(elapsed, len(batch.events))
-            self._apply_committed(batch.events, positions, now)
+            self._apply_committed(batch.events, batch.payloads, positions, now)
         for callback in batch.on_commit:
             callback()
         for session, requests in batch.pushes.values():
@@ -616,11 +623,11 @@ class Orchestrator:
         for session, task_id, attempt, reason in batch.cancels:
             self._send_cancel(session, task_id, attempt, reason)
 
-    def _apply_committed(self, events: list[NewEvent], positions: list[int], now: float) -> None:
+    def _apply_committed(self, events: list[NewEvent], payloads: list[dict[str, Any]],
+                         positions: list[int], now: float) -> None:
         taskset = self.taskset
         changed: set[UUID] = set()
-        for event, position in zip(events, positions, strict=True):
-            payload = json.loads(event.payload)
+        for event, payload, position in zip(events, payloads, positions, strict=True):
             taskset.apply_parsed(position, event.stream_id, event.version, event.type, payload)
             if event.type.startswith("Task"):
                 changed.add(event.stream_id)
@@ -744,7 +751,7 @@ class Orchestrator:
                 batch.new_keys[(request.domain, request.idempotency_key)] = task_id
             self._tasks[task_id] = task
             batch.touched_tasks.add(task_id)
-            batch.events.extend(encode_pending(task))
+            batch.add(encode_pending_with_payloads(task))
             results.append(SubmitResult(task_id))
         future = command.future
         batch.on_commit.append(lambda: _settle(future, results))
@@ -791,7 +798,7 @@ class Orchestrator:
             await self._reject(task_id, number, reported, exc.message, batch, now)
             return
         batch.touched_tasks.add(task_id)
-        batch.events.extend(encode_pending(task))
+        batch.add(encode_pending_with_payloads(task))
         attempt = await self._attempt(task_id, number)
         if attempt is not None:
             if reported.ok:
@@ -802,7 +809,7 @@ class Orchestrator:
                          else AttemptState.FAILED)
                 attempt.end(state, now, error)
             batch.touched_attempts.add(attempt.id)
-            batch.events.extend(encode_pending(attempt))
+            batch.add(encode_pending_with_payloads(attempt))
 
     async def _reject(self, task_id: UUID, number: int, reported: ReportedOutcome, reason: str,
                       batch: _Batch, now: float) -> None:
@@ -814,7 +821,7 @@ class Orchestrator:
             return
         attempt.reject_outcome("succeeded" if reported.ok else "failed", reason, now)
         batch.touched_attempts.add(attempt.id)
-        batch.events.extend(encode_pending(attempt))
+        batch.add(encode_pending_with_payloads(attempt))
 
     async def _decide_acks(self, command: _Acks, batch: _Batch, now: float) -> None:
         for task_id_text, number in command.acks:
@@ -833,7 +840,7 @@ class Orchestrator:
             if attempt is not None and attempt.state is AttemptState.ASSIGNED:
                 attempt.mark_running(now)
                 batch.touched_attempts.add(attempt.id)
-                batch.events.extend(encode_pending(attempt))
+                batch.add(encode_pending_with_payloads(attempt))
         future = command.future
         batch.on_commit.append(lambda: _settle(future, None))
         batch.on_failure.append(lambda exc: _fail(future, exc))
@@ -852,14 +859,14 @@ class Orchestrator:
             raise TaskAlreadyTerminal(f"task {task_id} has already {record.state.value}")
         running = task.cancel(command.reason or "cancelled", now)
         batch.touched_tasks.add(task_id)
-        batch.events.extend(encode_pending(task))
+        batch.add(encode_pending_with_payloads(task))
         if running is not None:
             attempt = await self._attempt(task_id, running)
             if attempt is not None and attempt.state in (AttemptState.ASSIGNED,
                                                          AttemptState.RUNNING):
                 attempt.end(AttemptState.CANCELLED, now)
                 batch.touched_attempts.add(attempt.id)
-                batch.events.extend(encode_pending(attempt))
+                batch.add(encode_pending_with_payloads(attempt))
                 session = self._by_shepherd.get(attempt.shepherd_id)
                 if session is not None and not session.closed:
                     batch.cancels.append((session, str(task_id), running, "cancelled"))
@@ -898,7 +905,7 @@ class Orchestrator:
         shepherd.connect(hello.capacity, hello.version, now)
         self._shepherds[hello.shepherd_uuid] = shepherd
         batch.touched_shepherds.add(hello.shepherd_uuid)
-        batch.events.extend(encode_pending(shepherd))
+        batch.add(encode_pending_with_payloads(shepherd))
         session = ShepherdSession(
             session_id=self._next_session, shepherd=shepherd, transport=command.transport,
             accepts_batches=hello.accepts_batches, connected_at=now, last_seen=now)
@@ -953,7 +960,7 @@ class Orchestrator:
         else:
             shepherd.disconnect(command.reason, now)
         batch.touched_shepherds.add(shepherd.shepherd_uuid)
-        batch.events.extend(encode_pending(shepherd))
+        batch.add(encode_pending_with_payloads(shepherd))
         self._dispatch_wanted = True
         future = command.future
         batch.on_commit.append(lambda: _settle(future, None))
@@ -967,12 +974,12 @@ class Orchestrator:
         task.lose(number, reason, now)
         self._retry_on_failure(batch, task_id, number)
         batch.touched_tasks.add(task_id)
-        batch.events.extend(encode_pending(task))
+        batch.add(encode_pending_with_payloads(task))
         attempt = await self._attempt(task_id, number)
         if attempt is not None and attempt.state in (AttemptState.ASSIGNED, AttemptState.RUNNING):
             attempt.end(AttemptState.LOST, now, ErrorInfo("InfrastructureError", reason))
             batch.touched_attempts.add(attempt.id)
-            batch.events.extend(encode_pending(attempt))
+            batch.add(encode_pending_with_payloads(attempt))
 
     async def _expire(self, batch: _Batch, now: float) -> None:
         """Time out attempts past their lease, lose unclaimed orphans, close silent streams."""
@@ -991,8 +998,8 @@ class Orchestrator:
             attempt.end(AttemptState.TIMED_OUT, now, error)
             batch.touched_tasks.add(task_id)
             batch.touched_attempts.add(attempt.id)
-            batch.events.extend(encode_pending(task))
-            batch.events.extend(encode_pending(attempt))
+            batch.add(encode_pending_with_payloads(task))
+            batch.add(encode_pending_with_payloads(attempt))
             self._orphans.pop((task_id, number), None)
             self._retry_on_failure(batch, task_id, number)
             session = self._by_shepherd.get(attempt.shepherd_id)
@@ -1073,8 +1080,8 @@ class Orchestrator:
                 batch.claims.append(record)
                 batch.touched_tasks.add(record.task_id)
                 batch.touched_attempts.add(attempt.id)
-                batch.events.extend(encode_pending(task))
-                batch.events.extend(encode_pending(attempt))
+                batch.add(encode_pending_with_payloads(task))
+                batch.add(encode_pending_with_payloads(attempt))
                 request = ExecutionRequest(
                     task_id=str(record.task_id), attempt=number, name=task.name, args=task.args,
                     kwargs=task.kwargs, timeout=task.timeout, domain=task.domain)

@@ -9,13 +9,13 @@ A change to a payload's shape gets a new ``TYPE`` version; old versions stay dec
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from eventsourcing.domain import Aggregate, CanMutateAggregate
 from eventsourcing.utils import get_topic
+from pydantic_core import from_json, to_json
 
 from azolla.domain.attempt import Attempt
 from azolla.domain.ports import NewEvent, StoredEvent
@@ -28,6 +28,8 @@ __all__ = [
     "decode",
     "encode",
     "encode_pending",
+    "encode_pending_with_payloads",
+    "encode_with_payload",
     "payload_of",
     "rebuild",
 ]
@@ -60,7 +62,11 @@ _FIELDS: dict[type[Any], tuple[str, ...]] = {
     for cls, _ in EVENT_CLASSES.values()
 }
 _TOPICS = {aggregate: get_topic(aggregate) for aggregate in _AGGREGATES}
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    """Compact JSON text (UTF-8, non-finite floats as null); fast (pydantic-core)."""
+    return to_json(payload, inf_nan_mode="null").decode()
 
 
 class _Located(Protocol):
@@ -77,23 +83,35 @@ def payload_of(event: Any) -> dict[str, Any]:
 
 def encode(event: Any, *, domain: str, partition_day: int) -> NewEvent:
     """Turn a domain event into a :class:`~azolla.domain.ports.NewEvent`."""
+    return encode_with_payload(event, domain=domain, partition_day=partition_day)[0]
+
+
+def encode_with_payload(event: Any, *, domain: str,
+                        partition_day: int) -> tuple[NewEvent, dict[str, Any]]:
+    """Like :func:`encode`, also returning the payload as a dict (saves re-parsing it)."""
     cls = type(event)
+    payload = payload_of(event)
     return NewEvent(
         stream_id=event.originator_id,
         version=event.originator_version,
         type=cls.TYPE,
-        payload=_dumps(payload_of(event)),
+        payload=_dumps(payload),
         domain=domain,
         partition_day=partition_day,
         terminal=getattr(cls, "TERMINAL", False),
-    )
+    ), payload
 
 
 def encode_pending(aggregate: Aggregate) -> list[NewEvent]:
     """Collect an aggregate's pending events and encode them (clears the pending list)."""
+    return [event for event, _ in encode_pending_with_payloads(aggregate)]
+
+
+def encode_pending_with_payloads(aggregate: Aggregate) -> list[tuple[NewEvent, dict[str, Any]]]:
+    """Like :func:`encode_pending`, also returning each payload as a dict."""
     located: _Located = aggregate  # type: ignore[assignment]
     return [
-        encode(event, domain=located.domain, partition_day=located.partition_day)
+        encode_with_payload(event, domain=located.domain, partition_day=located.partition_day)
         for event in aggregate.collect_events()
     ]
 
@@ -105,7 +123,7 @@ def decode(stored: StoredEvent) -> CanMutateAggregate[Any]:
         KeyError: The type name is unknown.
     """
     cls, aggregate = EVENT_CLASSES[stored.type]
-    payload = json.loads(stored.payload)
+    payload = from_json(stored.payload)
     at = payload.pop("at")
     kwargs = {name: payload[name] for name in _FIELDS[cls]}
     if issubclass(cls, Aggregate.Created):
