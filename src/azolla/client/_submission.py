@@ -157,7 +157,11 @@ def check_call(task: Any, name: str, args: list[Any], kwargs: dict[str, Any]) ->
         if kwargs and not args:
             hint = " (a dict given to submit_task means keyword arguments; wrap it in a list to "
             hint += "pass one dict argument)"
-        raise ValidationError(f"arguments do not fit task {name}{signature}: {exc}{hint}") from None
+        shown = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        raise ValidationError(f"arguments do not fit task {name}{shown}: {exc}{hint}") from None
 
 
 def _check_seconds(what: str, value: float, *, positive: bool) -> float:
