@@ -284,6 +284,7 @@ class Orchestrator:
         self._watchers: dict[UUID, list[Callable[[TaskRecord], None]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._busy = False
         self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.started_at = 0.0
         self.metrics: dict[str, float] = {
@@ -350,6 +351,18 @@ class Orchestrator:
             for fut in waiters:
                 fut.cancel()
         self._waiters.clear()
+
+    def tick(self) -> None:
+        """Wake the decision loop to re-check timers (used with a manual clock in tests)."""
+        self._dispatch_wanted = True
+        self._wake.set()
+
+    async def idle(self, timeout: float = 5.0) -> None:
+        """Wait until the decision loop has nothing left to do (for tests and shutdown)."""
+        async with asyncio.timeout(timeout):
+            while self._inbox or self._dispatch_wanted or self._busy:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.005)  # let pushes scheduled by the last step run
 
     # -- client use cases ------------------------------------------------------------------
 
@@ -577,11 +590,14 @@ class Orchestrator:
                         await asyncio.wait_for(self._wake.wait(), delay)
             if self._stopping and not self._inbox:
                 return
+            self._busy = True
             try:
                 await self._step()
             except Exception:  # pragma: no cover - a bug; keep serving
                 log.exception("decision loop step failed")
                 await asyncio.sleep(0.05)
+            finally:
+                self._busy = False
 
     async def _step(self) -> None:
         now = self.clock.now()

@@ -1,0 +1,509 @@
+"""The orchestrator core, driven in memory: no sockets, no processes, a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from azolla.adapters.memory.event_store import InMemoryEventLog, InMemoryEventStore
+from azolla.adapters.memory.transport import InProcessShepherd, InProcessTransport
+from azolla.app.model import ReportedOutcome, ShepherdHello, SubmitRequest, TaskOutcome
+from azolla.app.orchestrator import Orchestrator, OrchestratorConfig
+from azolla.domain.errors import (
+    InvalidTaskSpec,
+    StoreUnavailable,
+    TaskAlreadyTerminal,
+    TaskNotFound,
+)
+from azolla.domain.ports import NewEvent
+from azolla.domain.retry import RetryPolicy, WaitKind
+from azolla.domain.values import ErrorInfo, TaskState
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class ManualClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.value = start
+
+    def now(self) -> float:
+        return self.value
+
+
+class FixedIds:
+    """Random task ids, fixed jitter (so retry delays are predictable)."""
+
+    def __init__(self, jitter: float = 0.5) -> None:
+        self.jitter = jitter
+
+    def new_task_id(self) -> UUID:
+        return uuid4()
+
+    def random(self) -> float:
+        return self.jitter
+
+
+FAST_RETRY = RetryPolicy(max_attempts=3, wait=WaitKind.FIXED, initial_delay=0.0)
+
+
+@pytest.fixture
+def log() -> InMemoryEventLog:
+    return InMemoryEventLog()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def orch(log: InMemoryEventLog, clock: ManualClock) -> AsyncIterator[Orchestrator]:
+    o = Orchestrator(InMemoryEventStore(log), clock=clock, ids=FixedIds(),
+                     config=OrchestratorConfig(heartbeat_timeout=1000, reconnect_grace=5))
+    await o.start()
+    yield o
+    await o.stop()
+
+
+async def shepherd(orch: Orchestrator, tasks: dict[str, Any], **kw: Any) -> InProcessShepherd:
+    s = InProcessShepherd(orch, tasks, **kw)
+    await s.start()
+    return s
+
+
+async def run_one(orch: Orchestrator, request: SubmitRequest) -> TaskOutcome:
+    [result] = await orch.submit([request])
+    outcome = await orch.wait(request.domain, result.task_id, 5)
+    assert outcome is not None
+    return outcome
+
+
+async def test_submit_run_succeed(orch: Orchestrator) -> None:
+    await shepherd(orch, {"greet": lambda name, age: {"greeting": f"Hello {name}! {age}"}})
+    outcome = await run_one(orch, SubmitRequest(name="greet",
+                                                kwargs='{"name": "Alice", "age": 25}'))
+    assert outcome.state is TaskState.SUCCEEDED
+    assert json.loads(outcome.result or "") == {"greeting": "Hello Alice! 25"}
+
+
+async def test_failure_then_success_under_retry_policy(orch: Orchestrator) -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ValueError("not yet")
+        return "done"
+
+    await shepherd(orch, {"flaky": flaky})
+    outcome = await run_one(orch, SubmitRequest(name="flaky", policy=FAST_RETRY))
+    assert outcome.state is TaskState.SUCCEEDED
+    view = await orch.status("default", outcome.task_id)
+    assert [a.state for a in view.attempts] == ["failed", "failed", "succeeded"]
+    assert view.attempts[0].error is not None
+    assert view.attempts[0].error.type == "ValueError"
+
+
+async def test_non_retriable_error_stops_retries(orch: Orchestrator) -> None:
+    class Fatal(Exception):
+        retriable = False
+
+    def boom() -> None:
+        raise Fatal("no")
+
+    await shepherd(orch, {"boom": boom})
+    outcome = await run_one(orch, SubmitRequest(name="boom", policy=FAST_RETRY))
+    assert outcome.state is TaskState.FAILED
+    assert outcome.error is not None
+    assert outcome.error.type == "Fatal"
+    assert len((await orch.status("default", outcome.task_id)).attempts) == 1
+
+
+async def test_attempts_exhausted_fails_with_last_error(orch: Orchestrator) -> None:
+    def boom() -> None:
+        raise RuntimeError("always")
+
+    await shepherd(orch, {"boom": boom})
+    outcome = await run_one(orch, SubmitRequest(name="boom", policy=FAST_RETRY))
+    assert outcome.state is TaskState.FAILED
+    assert len((await orch.status("default", outcome.task_id)).attempts) == 3
+
+
+async def test_retry_waits_for_its_delay(orch: Orchestrator, clock: ManualClock) -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first")
+        return "ok"
+
+    await shepherd(orch, {"flaky": flaky})
+    policy = RetryPolicy(max_attempts=2, wait=WaitKind.FIXED, initial_delay=60)
+    [r] = await orch.submit([SubmitRequest(name="flaky", policy=policy)])
+    assert await orch.wait("default", r.task_id, 0.3) is None
+    assert len(calls) == 1
+    assert (await orch.status("default", r.task_id)).state is TaskState.RETRY_WAIT
+    clock.value += 61
+    orch.tick()
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.SUCCEEDED
+
+
+async def test_not_before_delays_dispatch(orch: Orchestrator, clock: ManualClock) -> None:
+    await shepherd(orch, {"t": lambda: 1})
+    [r] = await orch.submit([SubmitRequest(name="t", not_before=clock.value + 30)])
+    assert await orch.wait("default", r.task_id, 0.2) is None
+    clock.value += 31
+    orch.tick()
+    assert (await orch.wait("default", r.task_id, 5)) is not None
+
+
+async def test_idempotency_key_returns_same_task(orch: Orchestrator) -> None:
+    a = await orch.submit([SubmitRequest(name="t", idempotency_key="k1")])
+    b = await orch.submit([SubmitRequest(name="t", idempotency_key="k1"),
+                           SubmitRequest(name="t", idempotency_key="k1")])
+    assert a[0].task_id == b[0].task_id == b[1].task_id
+    assert b[0].deduplicated
+    assert b[1].deduplicated
+    assert not a[0].deduplicated
+    other = await orch.submit([SubmitRequest(name="t", idempotency_key="k1", domain="d2")])
+    assert other[0].task_id != a[0].task_id
+
+
+async def test_invalid_submissions_are_refused_with_the_field(orch: Orchestrator) -> None:
+    cases = [
+        SubmitRequest(name=""),
+        SubmitRequest(name="x" * 10_000),
+        SubmitRequest(name="t", args='{"a": 1}'),
+        SubmitRequest(name="t", kwargs="[1]"),
+        SubmitRequest(name="t", args="[" * 10_000 + "]" * 10_000),
+        SubmitRequest(name="t", args="not json"),
+        SubmitRequest(name="t", timeout=float("nan")),
+    ]
+    for request in cases:
+        with pytest.raises(InvalidTaskSpec):
+            await orch.submit([request])
+    with pytest.raises(InvalidTaskSpec, match=r"tasks\[1\]"):
+        await orch.submit([SubmitRequest(name="t"), SubmitRequest(name="t", args="{}")])
+    assert await orch.store.max_position() == 0
+
+
+async def test_cancel_queued_and_running_and_terminal(orch: Orchestrator) -> None:
+    [queued] = await orch.submit([SubmitRequest(name="slow")])
+    assert await orch.cancel("default", queued.task_id) is TaskState.CANCELLED
+    outcome = await orch.wait("default", queued.task_id, 1)
+    assert outcome is not None
+    assert outcome.state is TaskState.CANCELLED
+
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    sh = await shepherd(orch, {"slow": slow})
+    [running] = await orch.submit([SubmitRequest(name="slow")])
+    await asyncio.wait_for(started.wait(), 5)
+    assert await orch.cancel("default", running.task_id) is TaskState.CANCELLED
+    view = await orch.status("default", running.task_id)
+    assert view.state is TaskState.CANCELLED
+    assert view.attempts[-1].state == "cancelled"
+    assert sh.session is not None
+    assert not sh.session.shepherd.running
+    with pytest.raises(TaskAlreadyTerminal):
+        await orch.cancel("default", running.task_id)
+
+
+async def test_other_domain_sees_not_found(orch: Orchestrator) -> None:
+    [r] = await orch.submit([SubmitRequest(name="t", domain="a")])
+    with pytest.raises(TaskNotFound):
+        await orch.status("b", r.task_id)
+    with pytest.raises(TaskNotFound):
+        await orch.wait("b", r.task_id, 0)
+    with pytest.raises(TaskNotFound):
+        await orch.cancel("b", r.task_id)
+    with pytest.raises(TaskNotFound):
+        await orch.status("a", uuid4())
+
+
+async def test_stale_result_is_rejected_and_recorded(orch: Orchestrator) -> None:
+    transport = InProcessTransport("s1")
+    session = await orch.connect_shepherd(
+        ShepherdHello("s1", capacity=2, accepts_batches=True), transport)
+    [r] = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY)])
+    kind, [request] = await asyncio.wait_for(transport.inbox.get(), 5)
+    assert kind == "tasks"
+    assert request.attempt == 1
+    err = ErrorInfo("IOError", "flaky")
+    await orch.report_results(session, [ReportedOutcome(str(r.task_id), 1, False, error=err)])
+    kind, [request2] = await asyncio.wait_for(transport.inbox.get(), 5)
+    assert request2.attempt == 2
+    # A late success of attempt 1 must not end the task.
+    await orch.report_results(session, [ReportedOutcome(str(r.task_id), 1, True, "1")])
+    assert (await orch.status("default", r.task_id)).state is TaskState.RUNNING
+    assert orch.metrics["stale_results"] == 1
+    types = [e.type for e in await orch.store.read_all(0, 1000)]
+    assert "AttemptOutcomeRejected.v1" in types
+    await orch.report_results(session, [ReportedOutcome(str(r.task_id), 2, True, '"ok"')])
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert outcome is not None
+    assert outcome.result == '"ok"'
+    # And after the end, any further result is rejected too.
+    await orch.report_results(session, [ReportedOutcome(str(r.task_id), 2, False, error=err)])
+    terminal = [e for e in await orch.store.read_all(0, 1000) if e.terminal]
+    assert len(terminal) == 1
+
+
+async def test_result_without_attempt_number_matches_current(orch: Orchestrator) -> None:
+    transport = InProcessTransport("old")
+    session = await orch.connect_shepherd(ShepherdHello("old", capacity=1), transport)
+    [r] = await orch.submit([SubmitRequest(name="t")])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    await orch.report_results(session, [ReportedOutcome(str(r.task_id), 0, True, "7")])
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert outcome is not None
+    assert outcome.result == "7"
+
+
+async def test_capacity_is_never_exceeded(orch: Orchestrator) -> None:
+    transport = InProcessTransport("s")
+    session = await orch.connect_shepherd(ShepherdHello("s", capacity=3), transport)
+    results = await orch.submit([SubmitRequest(name="t") for _ in range(10)])
+    await orch.idle()
+    pushed: list[Any] = []
+    while not transport.inbox.empty():
+        pushed.extend(transport.inbox.get_nowait()[1])
+    assert len(pushed) == 3
+    assert len(session.shepherd.running) == 3
+    await orch.report_results(session, [ReportedOutcome(pushed[0].task_id, 1, True, "1")])
+    await orch.idle()
+    more = transport.inbox.get_nowait()[1]
+    assert len(more) == 1
+    assert len(session.shepherd.running) == 3
+    assert {r.task_id for r in results} >= {UUID(p.task_id) for p in pushed}
+
+
+async def test_priority_then_age(orch: Orchestrator) -> None:
+    order: list[str] = []
+    results = await orch.submit([
+        SubmitRequest(name="t", args='["low-1"]', priority=0),
+        SubmitRequest(name="t", args='["high"]', priority=5),
+        SubmitRequest(name="t", args='["low-2"]', priority=0),
+    ])
+    await shepherd(orch, {"t": order.append}, capacity=1)
+    for r in results:
+        await orch.wait("default", r.task_id, 5)
+    assert order == ["high", "low-1", "low-2"]
+
+
+async def test_tasks_wait_for_a_shepherd_of_their_group(orch: Orchestrator) -> None:
+    [r] = await orch.submit([SubmitRequest(name="t", group="gpu")])
+    await shepherd(orch, {"t": lambda: 1}, group="cpu")
+    assert await orch.wait("default", r.task_id, 0.2) is None
+    assert (await orch.status("default", r.task_id)).state is TaskState.QUEUED
+    await shepherd(orch, {"t": lambda: 1}, group="gpu")
+    assert await orch.wait("default", r.task_id, 5) is not None
+
+
+async def test_shepherd_disconnect_retries_elsewhere(orch: Orchestrator) -> None:
+    transport = InProcessTransport("dying")
+    session = await orch.connect_shepherd(ShepherdHello("dying", capacity=4), transport)
+    results = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY) for _ in range(3)])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    await orch.disconnect_shepherd(session, "connection reset")
+    healthy = await shepherd(orch, {"t": lambda: "ok"})
+    for r in results:
+        outcome = await orch.wait("default", r.task_id, 5)
+        assert outcome is not None
+        assert outcome.state is TaskState.SUCCEEDED
+        attempts = (await orch.status("default", r.task_id)).attempts
+        assert [a.state for a in attempts] == ["lost", "succeeded"]
+    assert len(healthy.executions) == 3
+
+
+async def test_lost_shepherd_retries_even_when_filters_exclude(orch: Orchestrator) -> None:
+    policy = RetryPolicy(max_attempts=2, include_errors=("OnlyThis",))
+    transport = InProcessTransport("x")
+    session = await orch.connect_shepherd(ShepherdHello("x", capacity=1), transport)
+    [r] = await orch.submit([SubmitRequest(name="t", policy=policy)])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    await orch.disconnect_shepherd(session, "gone")
+    view = await orch.status("default", r.task_id)
+    assert view.state is TaskState.RETRY_WAIT
+    assert view.ready_at <= orch.clock.now()
+
+
+async def test_silent_shepherd_is_expired(orch: Orchestrator, clock: ManualClock) -> None:
+    transport = InProcessTransport("quiet")
+    await orch.connect_shepherd(ShepherdHello("quiet", capacity=1), transport)
+    [r] = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY)])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    clock.value += 1001
+    orch.tick()
+    await orch.idle()
+    assert transport.closed is not None
+    view = await orch.status("default", r.task_id)
+    assert view.attempts[0].state == "lost"
+    assert view.state is TaskState.RETRY_WAIT
+
+
+async def test_lease_expiry_times_out_the_attempt(orch: Orchestrator, clock: ManualClock) -> None:
+    transport = InProcessTransport("slow")
+    await orch.connect_shepherd(ShepherdHello("slow", capacity=1), transport)
+    [r] = await orch.submit([SubmitRequest(name="t", timeout=10,
+                                           policy=RetryPolicy(max_attempts=1))])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    clock.value += 10 + orch.config.lease_grace + 1
+    orch.tick()
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.FAILED
+    assert outcome.error is not None
+    assert outcome.error.type == "TaskTimeout"
+    kind, body = await asyncio.wait_for(transport.inbox.get(), 5)
+    assert kind == "cancel"
+    assert body[1] == 1
+
+
+async def test_commit_failure_fails_callers_and_loses_nothing(orch: Orchestrator) -> None:
+    store = orch.store
+    assert isinstance(store, InMemoryEventStore)
+    store.fail_next(1, StoreUnavailable("database down"))
+    with pytest.raises(StoreUnavailable):
+        await orch.submit([SubmitRequest(name="t", idempotency_key="k")])
+    # Nothing was recorded, so the key is free and a retry creates the task.
+    [r] = await orch.submit([SubmitRequest(name="t", idempotency_key="k")])
+    assert not r.deduplicated
+    await shepherd(orch, {"t": lambda: 1})
+    assert await orch.wait("default", r.task_id, 5) is not None
+
+
+class FailFirstDispatch(InMemoryEventStore):
+    """Fails the first append that starts an attempt."""
+
+    failed = False
+
+    async def append(self, events: Sequence[NewEvent]) -> list[int]:
+        if not self.failed and any(e.type == "TaskAttemptStarted.v1" for e in events):
+            self.failed = True
+            raise StoreUnavailable("blip")
+        return await super().append(events)
+
+
+async def test_failed_dispatch_commit_puts_tasks_back(log: InMemoryEventLog) -> None:
+    store = FailFirstDispatch(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    [r] = await orch.submit([SubmitRequest(name="t")])
+    sh = await shepherd(orch, {"t": lambda: 1})
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.SUCCEEDED
+    assert store.failed
+    assert sh.session is not None
+    assert not sh.session.shepherd.running
+    await orch.stop()
+
+
+async def test_restart_rebuilds_and_reconciles(log: InMemoryEventLog, clock: ManualClock) -> None:
+    config = OrchestratorConfig(reconnect_grace=5, heartbeat_timeout=60)
+    first = Orchestrator(InMemoryEventStore(log), clock=clock, ids=FixedIds(), config=config)
+    await first.start()
+    transport = InProcessTransport("survivor")
+    await first.connect_shepherd(ShepherdHello("survivor", capacity=2), transport)
+    running, orphan = await first.submit([SubmitRequest(name="t"), SubmitRequest(name="t")])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    await first.idle()
+    await first.stop()
+
+    second = Orchestrator(InMemoryEventStore(log), clock=clock, ids=FixedIds(), config=config)
+    await second.start()
+    assert first.taskset.snapshot() == second.taskset.snapshot()
+    # The shepherd reconnects and still runs one of the two attempts.
+    transport2 = InProcessTransport("survivor")
+    session = await second.connect_shepherd(
+        ShepherdHello("survivor", capacity=2, running=((str(running.task_id), 1),)), transport2)
+    assert session.cancel_on_connect == []
+    await second.report_results(session, [ReportedOutcome(str(running.task_id), 1, True, "1")])
+    outcome = await second.wait("default", running.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.SUCCEEDED
+    # The other attempt is unclaimed: after the grace period it is lost and retried.
+    clock.value += 6
+    second.tick()
+    await second.idle()
+    kind, body = await asyncio.wait_for(transport2.inbox.get(), 5)
+    assert kind == "tasks"
+    assert body[0].task_id == str(orphan.task_id)
+    assert body[0].attempt == 2
+    terminal = [e for e in await second.store.read_all(0, 10_000) if e.terminal]
+    assert len(terminal) == 1
+    await second.stop()
+
+
+async def test_reconnecting_shepherd_is_told_to_stop_superseded_attempts(
+        orch: Orchestrator) -> None:
+    transport = InProcessTransport("s")
+    session = await orch.connect_shepherd(ShepherdHello("s", capacity=1), transport)
+    [r] = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY)])
+    await asyncio.wait_for(transport.inbox.get(), 5)
+    await orch.disconnect_shepherd(session, "blip")
+    again = await orch.connect_shepherd(
+        ShepherdHello("s", capacity=1, running=((str(r.task_id), 1),)), InProcessTransport("s"))
+    assert again.cancel_on_connect == [(str(r.task_id), 1)]
+
+
+async def test_domain_concurrency_limit(log: InMemoryEventLog, clock: ManualClock) -> None:
+    o = Orchestrator(InMemoryEventStore(log), clock=clock,
+                     config=OrchestratorConfig(domain_concurrency={"default": 2}))
+    await o.start()
+    t1, t2 = InProcessTransport("a"), InProcessTransport("b")
+    await o.connect_shepherd(ShepherdHello("a", capacity=5), t1)
+    await o.connect_shepherd(ShepherdHello("b", capacity=5), t2)
+    await o.submit([SubmitRequest(name="t") for _ in range(6)])
+    await o.idle()
+    pushed = sum(len(q.get_nowait()[1]) for q in (t1.inbox, t2.inbox) for _ in range(q.qsize()))
+    assert pushed == 2
+    await o.stop()
+
+
+async def test_outcome_hooks_run_after_commit(log: InMemoryEventLog) -> None:
+    seen: list[TaskOutcome] = []
+    o = Orchestrator(InMemoryEventStore(log), hooks=[seen.append])
+    await o.start()
+    await shepherd(o, {"t": lambda: 3})
+    outcome = await run_one(o, SubmitRequest(name="t"))
+    assert seen == [outcome]
+    await o.stop()
+
+
+async def test_wait_timeout_zero_checks_without_waiting(orch: Orchestrator) -> None:
+    [r] = await orch.submit([SubmitRequest(name="t")])
+    assert await orch.wait("default", r.task_id, 0) is None
+
+
+async def test_outcomes_of_forgotten_tasks_are_read_from_the_log(
+        log: InMemoryEventLog) -> None:
+    o = Orchestrator(InMemoryEventStore(log), config=OrchestratorConfig(outcome_cache=2))
+    await o.start()
+    await shepherd(o, {"t": lambda x: x})
+    results = await o.submit([SubmitRequest(name="t", args=f"[{i}]") for i in range(5)])
+    for r in results:
+        await o.wait("default", r.task_id, 5)
+    assert results[0].task_id not in o.taskset.tasks
+    outcome = await o.wait("default", results[0].task_id, 0)
+    assert outcome is not None
+    assert outcome.result == "0"
+    view = await o.status("default", results[0].task_id)
+    assert view.state is TaskState.SUCCEEDED
+    assert view.attempts[0].state == "succeeded"
+    await o.stop()
