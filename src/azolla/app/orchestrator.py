@@ -285,6 +285,7 @@ class Orchestrator:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._busy = False
+        self._quiet = asyncio.Event()
         self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.started_at = 0.0
         self.metrics: dict[str, float] = {
@@ -361,7 +362,8 @@ class Orchestrator:
         """Wait until the decision loop has nothing left to do (for tests and shutdown)."""
         async with asyncio.timeout(timeout):
             while self._inbox or self._dispatch_wanted or self._busy:
-                await asyncio.sleep(0.001)
+                self._quiet.clear()
+                await self._quiet.wait()
             await asyncio.sleep(0.005)  # let pushes scheduled by the last step run
 
     # -- client use cases ------------------------------------------------------------------
@@ -585,6 +587,7 @@ class Orchestrator:
                     return
                 delay = self._next_wakeup(self.clock.now())
                 self._wake.clear()
+                self._quiet.set()
                 if not self._inbox:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
