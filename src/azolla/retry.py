@@ -177,16 +177,16 @@ class LinearBackoff:
     reproduces it exactly, and refused when none does:
 
     * ``increment == 0``: a fixed wait of ``initial`` (capped by ``max_delay``);
-    * otherwise an exponential wait (no jitter) with ``initial_delay=initial``,
-      ``multiplier=(initial + increment) / initial`` and the same cap. It matches the first
-      two retries always, and every later retry when the cap is reached by the second
-      (``initial + increment >= max_delay``).
+    * otherwise, with ``initial > 0``, an exponential wait (no jitter) with
+      ``initial_delay=initial``, ``multiplier=(initial + increment) / initial`` (at most 1000)
+      and the same cap. It matches the first two retries always, and every later retry when
+      the cap is reached by the second (``initial + increment >= max_delay``);
+    * with ``initial == 0``, a fixed zero wait for a single retry.
 
     So a linear backoff is accepted with ``max_attempts <= 3`` (at most two retries), with a
-    zero increment, or when the cap is reached at once; otherwise
-    :meth:`RetryPolicy.to_proto` raises :class:`~azolla.errors.ValidationError` naming the
-    alternatives. Use :class:`ExponentialBackoff` or :class:`FixedBackoff` for longer
-    schedules.
+    zero increment, or when the cap is reached at once. Otherwise constructing the
+    :class:`RetryPolicy` raises :class:`~azolla.errors.ValidationError` naming the alternatives:
+    use :class:`ExponentialBackoff` or :class:`FixedBackoff` for longer schedules.
 
     Args:
         initial: Wait before the first retry, in seconds.

@@ -107,7 +107,7 @@ async def test_wait_timeout_and_waiting_again() -> None:
 async def test_several_waiters_of_one_task() -> None:
     async with fake_orchestrator() as fake, Client(fake.url) as client:
         (handle,) = await submit_n(client, 1)
-        twin = client.handle(handle.task_id)
+        twin = client.handle(handle.task_id.upper())  # any UUID spelling finds the same task
         assert twin == handle
         waits = [asyncio.ensure_future(h.wait(timeout=5)) for h in (handle, twin)]
         await fake.until(lambda: fake.watch_requests)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -85,7 +86,8 @@ class Client:
     Client.connect(url) as client:``) to also check that the orchestrator is reachable.
 
     Concurrent submits are coalesced into batch RPCs and all waits share one stream, so many
-    coroutines can use one client at high rates; a lone call is sent at once.
+    coroutines can use one client at high rates; a lone call is sent at once. A client is not
+    thread-safe: use it from its event loop only.
 
     Args:
         orchestrator_endpoint: ``http://host:port`` (plaintext), ``https://host:port`` (TLS),
@@ -284,10 +286,15 @@ class Client:
         """Return a handle to an existing task of this client's domain.
 
         Args:
-            task_id: The task's id.
+            task_id: The task's id (UUID text in any accepted spelling).
+
+        Raises:
+            ValidationError: ``task_id`` is empty.
         """
-        if not isinstance(task_id, str) or not task_id:
+        if not isinstance(task_id, str) or not task_id.strip():
             raise ValidationError(f"task_id must be a non-empty string, not {task_id!r}")
+        with contextlib.suppress(ValueError):  # not a UUID: the server will say it is unknown
+            task_id = str(uuid.UUID(task_id))  # the server answers with canonical UUID text
         return TaskHandle(self, task_id, self._domain)
 
     async def _submit_one(self, submission: TaskSubmission) -> TaskHandle:
@@ -492,7 +499,7 @@ class Client:
             for item in unkeyed:
                 if not item.future.done():
                     item.future.set_exception(ambiguous)
-            if keyed and retries > 0 and code != _SC.CANCELLED and not self._closing:
+            if keyed and retries > 0 and code == _SC.UNAVAILABLE and not self._closing:
                 await asyncio.sleep(_retry_delay(self._submit_retries - retries))
                 await self._send_items(keyed, retries - 1, split_invalid=split_invalid)
                 return
