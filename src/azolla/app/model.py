@@ -38,6 +38,8 @@ class SubmitRequest:
         priority: Higher runs first.
         not_before: Earliest start (epoch seconds), or None.
         timeout: Per-attempt timeout in seconds, or None.
+        task_id: A task id chosen by the submitter (transactional enqueue); None lets the
+            orchestrator choose. Submitting a known id again returns it as deduplicated.
     """
 
     name: str
@@ -50,6 +52,7 @@ class SubmitRequest:
     priority: int = 0
     not_before: float | None = None
     timeout: float | None = None
+    task_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,6 +397,7 @@ class Orchestrator:
             name=request.name, args=args, kwargs=kwargs, domain=request.domain,
             group=request.group, policy=request.policy, idempotency_key=key,
             priority=request.priority, not_before=request.not_before, timeout=request.timeout,
+            task_id=request.task_id,
         )
 
     async def submit(self, requests: Sequence[SubmitRequest]) -> list[SubmitResult]:
@@ -416,6 +417,12 @@ class Orchestrator:
                 raise InvalidTaskSpec(prefix + exc.message) from None
         result: list[SubmitResult] = await self._call(_Submit(requests=checked))
         return result
+
+    async def known(self, task_id: UUID) -> bool:
+        """True when a task with this id has been committed (in the TaskSet or in the log)."""
+        if task_id in self.taskset.tasks:
+            return True
+        return bool(await self.store.read_stream(task_id))
 
     async def cancel(self, domain: str, task_id: UUID, reason: str = "cancelled") -> TaskState:
         """Cancel a task; a running attempt is told to stop. Returns the task's state after.
@@ -758,7 +765,11 @@ class Orchestrator:
                 if existing is not None:
                     results.append(SubmitResult(existing, deduplicated=True))
                     continue
-            task_id = self.ids.new_task_id()
+            task_id = request.task_id or self.ids.new_task_id()
+            if request.task_id is not None and (
+                    task_id in self.taskset.tasks or task_id in self._tasks):
+                results.append(SubmitResult(task_id, deduplicated=True))
+                continue
             task = Task.submit(
                 task_id=task_id, name=request.name, args=request.args, kwargs=request.kwargs,
                 now=now, domain=request.domain, group=request.group,
