@@ -319,18 +319,25 @@ class FakeClientService(orchestrator_pb2_grpc.ClientServiceServicer):
 
 @asynccontextmanager
 async def fake_orchestrator(
-    *, credentials: grpc.ServerCredentials | None = None
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    service: FakeClientService | None = None,
+    port: int = 0,
 ) -> AsyncIterator[FakeClientService]:
-    """Serve a :class:`FakeClientService` on 127.0.0.1 (port 0); its ``url`` says where."""
-    service = FakeClientService()
+    """Serve a :class:`FakeClientService` on 127.0.0.1; its ``url`` says where.
+
+    Pass ``service`` and ``port`` to serve the same state again on the same port, as after an
+    orchestrator restart.
+    """
+    service = service if service is not None else FakeClientService()
     server = grpc.aio.server()
     orchestrator_pb2_grpc.add_ClientServiceServicer_to_server(service, server)
     if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
-        service.url = f"http://127.0.0.1:{port}"
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        service.url = f"http://127.0.0.1:{bound}"
     else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
-        service.url = f"https://127.0.0.1:{port}"
+        bound = server.add_secure_port(f"127.0.0.1:{port}", credentials)
+        service.url = f"https://127.0.0.1:{bound}"
     await server.start()
     try:
         yield service

@@ -132,6 +132,24 @@ async def test_a_broken_stream_reconnects_and_resends_the_awaited_ids() -> None:
         assert client.stats().watch_streams_opened == 2
 
 
+async def test_waits_survive_an_orchestrator_restart() -> None:
+    async with fake_orchestrator() as fake:
+        client = Client(fake.url)
+        handles = await submit_n(client, 3)
+        waits = [asyncio.ensure_future(h.wait(timeout=20)) for h in handles]
+        await fake.until(lambda: sum(len(r) for r in fake.watch_requests) == 3)
+        port = int(fake.url.rsplit(":", 1)[1])
+    # The server is down now; the client keeps trying. The same state comes back on the port.
+    fake.watch_requests.clear()
+    async with fake_orchestrator(service=fake, port=port):
+        await fake.until(lambda: sum(len(r) for r in fake.watch_requests) == 3, timeout=15)
+        for i, handle in enumerate(handles):
+            fake.succeed(handle.task_id, i)
+        assert [r.value for r in await asyncio.gather(*waits)] == [0, 1, 2]
+        assert client.stats().watch_streams_opened >= 2
+        await client.close()
+
+
 async def test_reconnects_are_bounded() -> None:
     async with fake_orchestrator() as fake:
         client = Client(fake.url, max_reconnects=2)

@@ -75,9 +75,9 @@ class WatchMux:
         self,
         transport: Transport,
         *,
-        max_reconnects: int = 8,
+        max_reconnects: int = 10,
         backoff_initial: float = 0.05,
-        backoff_max: float = 2.0,
+        backoff_max: float = 3.0,
     ) -> None:
         self._transport = transport
         self._max_reconnects = max_reconnects
@@ -255,7 +255,9 @@ class WatchMux:
             _StreamBroken: The stream failed or ended while tasks were still awaited.
         """
         stub = self._transport.stub()
-        call = stub.WatchTasks(metadata=self._transport.metadata, wait_for_ready=True)
+        # Not wait_for_ready: while the server is down the call fails fast, and the pump's own
+        # bounded backoff decides how long to keep trying.
+        call = stub.WatchTasks(metadata=self._transport.metadata)
         self._transport.calls["WatchTasks"] += 1
         self.streams_opened += 1
         assert self._wake is not None
