@@ -175,6 +175,16 @@ async def test_drain_waits_for_everything_in_flight() -> None:
     assert c.queued == 0
 
 
+async def test_drain_returns_when_every_queued_call_was_cancelled() -> None:
+    send = Recorder()
+    c = coalescer(send)
+    future = c.submit(1, 1)
+    future.cancel()
+    async with asyncio.timeout(5):
+        await c.drain()
+    assert send.batches == []
+
+
 # -- the real client against the test double -------------------------------------------------------
 
 

@@ -152,6 +152,11 @@ class Coalescer(Generic[Req, Resp]):
                 break  # a partial remainder waits for company (linger or a returning batch)
         if self._queue and self._in_flight < self._max_in_flight:
             self._schedule(asyncio.get_running_loop())
+        self._note_idle()
+
+    def _note_idle(self) -> None:
+        if not self._queue and self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
 
     def _take(self) -> list[Pending[Req, Resp]]:
         batch: list[Pending[Req, Resp]] = []
@@ -193,8 +198,7 @@ class Coalescer(Generic[Req, Resp]):
                 # "Until the current batch returns": whatever queued meanwhile leaves now.
                 self._flush_soon = True
                 asyncio.get_running_loop().call_soon(self._flush)
-            elif self._in_flight == 0 and self._idle is not None:
-                self._idle.set()
+            self._note_idle()
 
     async def drain(self) -> None:
         """Wait until every queued request has been sent and answered."""
