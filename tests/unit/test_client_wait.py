@@ -196,6 +196,10 @@ async def test_wait_many_in_order_and_with_timeout() -> None:
         (late,) = await submit_n(client, 1)
         with pytest.raises(WaitTimeoutError, match="1 of 2 tasks did not finish"):
             await client.wait_many([handles[0], late], timeout=0.05)
+        assert client._watch_mux.awaited == 0  # the unfinished wait was withdrawn
+        with pytest.raises(TaskNotFoundError):  # one failure ends the whole wait
+            await client.wait_many([late, "no-such-task"], timeout=5)
+        assert client._watch_mux.awaited == 0
 
 
 async def test_status_has_the_attempt_history() -> None:

@@ -402,10 +402,14 @@ class Client:
                 for chunk in chunks
             )
         )
-        responses = await asyncio.gather(*(item.future for item in pending))
+        outcomes = await asyncio.gather(*(item.future for item in pending), return_exceptions=True)
+        for outcome in outcomes:  # every future is retrieved, then the first failure raised
+            if isinstance(outcome, BaseException):
+                raise outcome
         return [
             TaskHandle(self, r.task_id, self._domain, deduplicated=r.deduplicated)
-            for r in responses
+            for r in outcomes
+            if isinstance(r, orchestrator_pb2.CreateTaskResponse)
         ]
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
@@ -536,18 +540,20 @@ class Client:
             TaskNotFoundError: A task does not exist.
         """
         handles = [t if isinstance(t, TaskHandle) else self.handle(t) for t in tasks]
-        gathered = asyncio.gather(*(h.wait() for h in handles))
+        waits = [asyncio.ensure_future(h.wait()) for h in handles]
         try:
-            if timeout is None:
-                return list(await gathered)
             async with asyncio.timeout(timeout):
-                return list(await gathered)
+                return list(await asyncio.gather(*waits))
         except TimeoutError:
-            unfinished = sum(1 for h in handles if h._result is None)
+            unfinished = sum(1 for handle in handles if handle._result is None)
             raise WaitTimeoutError(
                 f"{unfinished} of {len(handles)} tasks did not finish within {timeout:g} s",
                 timeout=timeout,
             ) from None
+        finally:
+            for wait in waits:  # after a failure or the timeout, stop the other waits too
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _unary(self, operation: str, task_id: str, call: Any, request: Any) -> Any:
         try:
