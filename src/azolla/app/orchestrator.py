@@ -517,6 +517,58 @@ class Orchestrator:
 
         return undo
 
+    def list_tasks(self, *, domain: str, state: TaskState | None = None, name: str | None = None,
+                   submitted_after: float | None = None, submitted_before: float | None = None,
+                   cursor: int = 0, limit: int = 100) -> tuple[list[TaskView], int]:
+        """List tasks the TaskSet holds (unfinished ones and recent outcomes), oldest first.
+
+        Args:
+            domain: Only this domain.
+            state: Only this state.
+            name: Only this task name.
+            submitted_after: Only tasks submitted at or after this time.
+            submitted_before: Only tasks submitted before this time.
+            cursor: Resume after this cursor (0 = from the start).
+            limit: Page size (1..1000).
+
+        Returns:
+            The page, and the cursor of the next page (0 when there is none).
+        """
+        limit = min(max(limit, 1), 1000)
+        matches = sorted(
+            (record for record in self.taskset.tasks.values()
+             if record.domain == domain and record.seq > cursor
+             and (state is None or record.state is state)
+             and (name is None or record.name == name)
+             and (submitted_after is None or record.submitted_at >= submitted_after)
+             and (submitted_before is None or record.submitted_at < submitted_before)),
+            key=lambda record: record.seq)
+        page = matches[:limit]
+        next_cursor = page[-1].seq if len(matches) > limit else 0
+        return [_view(record) for record in page], next_cursor
+
+    async def requeue(self, domain: str, task_id: UUID) -> SubmitResult:
+        """Run a failed or cancelled task again as a new task with the same name, arguments
+        and options (a new attempt sequence). Idempotent per source task.
+
+        Raises:
+            TaskNotFound: No such task in ``domain``.
+            InvalidTransition: The task has not failed or been cancelled.
+        """
+        source = rebuild(await self.store.read_stream(task_id))
+        if not isinstance(source, Task) or source.domain != domain:
+            raise TaskNotFound(f"task {task_id} not found")
+        if source.state not in (TaskState.FAILED, TaskState.CANCELLED):
+            raise InvalidTransition(f"only failed or cancelled tasks can be requeued; task "
+                                    f"{task_id} is {source.state.value}")
+        request = SubmitRequest(
+            name=source.name, args=source.args, kwargs=source.kwargs, domain=source.domain,
+            group=source.group, policy=source.policy,
+            idempotency_key=f"azolla-requeue:{task_id}", priority=source.priority,
+            timeout=source.timeout)
+        [result] = await self.submit([request])
+        return result
+
     def shepherds(self) -> list[ShepherdView]:
         """The connected shepherds."""
         return [

@@ -16,6 +16,7 @@ from azolla.app.model import ReportedOutcome, ShepherdHello, SubmitRequest, Task
 from azolla.app.orchestrator import Orchestrator, OrchestratorConfig
 from azolla.domain.errors import (
     InvalidTaskSpec,
+    InvalidTransition,
     StoreUnavailable,
     TaskAlreadyTerminal,
     TaskNotFound,
@@ -507,3 +508,40 @@ async def test_outcomes_of_forgotten_tasks_are_read_from_the_log(
     assert view.state is TaskState.SUCCEEDED
     assert view.attempts[0].state == "succeeded"
     await o.stop()
+
+
+async def test_list_tasks_filters_and_pages(orch: Orchestrator) -> None:
+    results = await orch.submit([SubmitRequest(name="a" if i % 2 else "b") for i in range(7)])
+    await orch.submit([SubmitRequest(name="a", domain="other")])
+    page, cursor = orch.list_tasks(domain="default", name="a", limit=2)
+    assert [v.task_id for v in page] == [results[1].task_id, results[3].task_id]
+    rest, end = orch.list_tasks(domain="default", name="a", cursor=cursor, limit=2)
+    assert [v.task_id for v in rest] == [results[5].task_id]
+    assert end == 0
+    queued, _ = orch.list_tasks(domain="default", state=TaskState.QUEUED, limit=100)
+    assert len(queued) == 7
+
+
+async def test_requeue_failed_task_is_a_new_task_once(orch: Orchestrator) -> None:
+    def boom() -> None:
+        raise RuntimeError("always")
+
+    sh = await shepherd(orch, {"boom": boom})
+    failed = await run_one(orch, SubmitRequest(name="boom", args="[]",
+                                               policy=RetryPolicy(max_attempts=1)))
+    assert failed.state is TaskState.FAILED
+    again = await orch.requeue("default", failed.task_id)
+    assert again.task_id != failed.task_id
+    assert not again.deduplicated
+    twice = await orch.requeue("default", failed.task_id)
+    assert twice.task_id == again.task_id
+    assert twice.deduplicated
+    outcome = await orch.wait("default", again.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.FAILED
+    assert len(sh.executions) == 2
+    with pytest.raises(TaskNotFound):
+        await orch.requeue("other", failed.task_id)
+    [queued] = await orch.submit([SubmitRequest(name="nobody-runs-this", group="none")])
+    with pytest.raises(InvalidTransition):
+        await orch.requeue("default", queued.task_id)

@@ -1068,3 +1068,329 @@ class CancelAttempt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelAttempt: _TypeAlias = CancelAttempt  # noqa: Y015
+
+@_typing.final
+class ListTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBMITTED_AFTER_MS_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BEFORE_MS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """"" = default"""
+    state: _builtins.str
+    """"" = any; queued, running, retry_wait, succeeded, failed, cancelled"""
+    name: _builtins.str
+    """"" = any"""
+    submitted_after_ms: _builtins.int
+    submitted_before_ms: _builtins.int
+    """0 = no bound"""
+    cursor: _builtins.int
+    """from the previous page's next_cursor; 0 = start"""
+    limit: _builtins.int
+    """0 = 100; at most 1000"""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        state: _builtins.str = ...,
+        name: _builtins.str = ...,
+        submitted_after_ms: _builtins.int = ...,
+        submitted_before_ms: _builtins.int = ...,
+        cursor: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "domain", b"domain", "limit", b"limit", "name", b"name", "state", b"state", "submitted_after_ms", b"submitted_after_ms", "submitted_before_ms", b"submitted_before_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class TaskSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    SUBMITTED_AT_MS_FIELD_NUMBER: _builtins.int
+    ENDED_AT_MS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SHEPHERD_GROUP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    name: _builtins.str
+    domain: _builtins.str
+    state: _builtins.str
+    attempts: _builtins.int
+    submitted_at_ms: _builtins.int
+    ended_at_ms: _builtins.int
+    shepherd_group: _builtins.str
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorResult: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        state: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        submitted_at_ms: _builtins.int = ...,
+        ended_at_ms: _builtins.int = ...,
+        error: _common_pb2.ErrorResult | None = ...,
+        shepherd_group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "domain", b"domain", "ended_at_ms", b"ended_at_ms", "error", b"error", "name", b"name", "shepherd_group", b"shepherd_group", "state", b"state", "submitted_at_ms", b"submitted_at_ms", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskSummary: _TypeAlias = TaskSummary  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.int
+    """0 when there is no further page"""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSummary]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___TaskSummary] | None = ...,
+        next_cursor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_cursor", b"next_cursor", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class ListShepherdsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """"" = all domains"""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListShepherdsRequest: _TypeAlias = ListShepherdsRequest  # noqa: Y015
+
+@_typing.final
+class ShepherdInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHEPHERD_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SHEPHERD_GROUP_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_MS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    shepherd_id: _builtins.str
+    domain: _builtins.str
+    shepherd_group: _builtins.str
+    capacity: _builtins.int
+    running: _builtins.int
+    version: _builtins.str
+    connected_at_ms: _builtins.int
+    last_seen_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        shepherd_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        shepherd_group: _builtins.str = ...,
+        capacity: _builtins.int = ...,
+        running: _builtins.int = ...,
+        version: _builtins.str = ...,
+        connected_at_ms: _builtins.int = ...,
+        last_seen_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "connected_at_ms", b"connected_at_ms", "domain", b"domain", "last_seen_ms", b"last_seen_ms", "running", b"running", "shepherd_group", b"shepherd_group", "shepherd_id", b"shepherd_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShepherdInfo: _TypeAlias = ShepherdInfo  # noqa: Y015
+
+@_typing.final
+class ListShepherdsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHEPHERDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shepherds(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShepherdInfo]: ...
+    def __init__(
+        self,
+        *,
+        shepherds: _abc.Iterable[Global___ShepherdInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shepherds", b"shepherds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListShepherdsResponse: _TypeAlias = ListShepherdsResponse  # noqa: Y015
+
+@_typing.final
+class TailEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    after_position: _builtins.int
+    """0 = from the beginning"""
+    follow: _builtins.bool
+    domain: _builtins.str
+    """"" = all domains"""
+    limit: _builtins.int
+    """0 = no limit"""
+    def __init__(
+        self,
+        *,
+        after_position: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+        domain: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "domain", b"domain", "follow", b"follow", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailEventsRequest: _TypeAlias = TailEventsRequest  # noqa: Y015
+
+@_typing.final
+class EventRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_MS_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    stream_id: _builtins.str
+    version: _builtins.int
+    type: _builtins.str
+    payload: _builtins.str
+    """JSON"""
+    domain: _builtins.str
+    recorded_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        stream_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        type: _builtins.str = ...,
+        payload: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        recorded_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "payload", b"payload", "position", b"position", "recorded_at_ms", b"recorded_at_ms", "stream_id", b"stream_id", "type", b"type", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventRecord: _TypeAlias = EventRecord  # noqa: Y015
+
+@_typing.final
+class RequeueTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    domain: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueTaskRequest: _TypeAlias = RequeueTaskRequest  # noqa: Y015
+
+@_typing.final
+class RequeueTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """the new task"""
+    deduplicated: _builtins.bool
+    """true when this source task had already been requeued"""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        deduplicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueTaskResponse: _TypeAlias = RequeueTaskResponse  # noqa: Y015
+
+@_typing.final
+class RequeueDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEUED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requeued(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequeueTaskResponse]: ...
+    def __init__(
+        self,
+        *,
+        requeued: _abc.Iterable[Global___RequeueTaskResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requeued", b"requeued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueDeadLettersResponse: _TypeAlias = RequeueDeadLettersResponse  # noqa: Y015

@@ -603,3 +603,257 @@ class ClusterService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminServiceStub:
+    """Extension: operator RPCs used by the `azolla` CLI. They follow the same rules as the client
+    RPCs (domains, validation); they never bypass the orchestrator.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListTasks = channel.unary_unary(
+                '/azolla.orchestrator.AdminService/ListTasks',
+                request_serializer=azolla_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=azolla_dot_orchestrator__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.ListShepherds = channel.unary_unary(
+                '/azolla.orchestrator.AdminService/ListShepherds',
+                request_serializer=azolla_dot_orchestrator__pb2.ListShepherdsRequest.SerializeToString,
+                response_deserializer=azolla_dot_orchestrator__pb2.ListShepherdsResponse.FromString,
+                _registered_method=True)
+        self.TailEvents = channel.unary_stream(
+                '/azolla.orchestrator.AdminService/TailEvents',
+                request_serializer=azolla_dot_orchestrator__pb2.TailEventsRequest.SerializeToString,
+                response_deserializer=azolla_dot_orchestrator__pb2.EventRecord.FromString,
+                _registered_method=True)
+        self.RequeueTask = channel.unary_unary(
+                '/azolla.orchestrator.AdminService/RequeueTask',
+                request_serializer=azolla_dot_orchestrator__pb2.RequeueTaskRequest.SerializeToString,
+                response_deserializer=azolla_dot_orchestrator__pb2.RequeueTaskResponse.FromString,
+                _registered_method=True)
+        self.RequeueDeadLetters = channel.unary_unary(
+                '/azolla.orchestrator.AdminService/RequeueDeadLetters',
+                request_serializer=azolla_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=azolla_dot_orchestrator__pb2.RequeueDeadLettersResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Extension: operator RPCs used by the `azolla` CLI. They follow the same rules as the client
+    RPCs (domains, validation); they never bypass the orchestrator.
+    """
+
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListShepherds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TailEvents(self, request, context):
+        """Streams committed events after a position, then follows new ones while `follow` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueTask(self, request, context):
+        """Re-runs a failed or cancelled task as a new task (a new attempt sequence) with the same
+        name, arguments and options. Idempotent per source task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueDeadLetters(self, request, context):
+        """Requeues every failed task matching the filter (dead letters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=azolla_dot_orchestrator__pb2.ListTasksRequest.FromString,
+                    response_serializer=azolla_dot_orchestrator__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ListShepherds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShepherds,
+                    request_deserializer=azolla_dot_orchestrator__pb2.ListShepherdsRequest.FromString,
+                    response_serializer=azolla_dot_orchestrator__pb2.ListShepherdsResponse.SerializeToString,
+            ),
+            'TailEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailEvents,
+                    request_deserializer=azolla_dot_orchestrator__pb2.TailEventsRequest.FromString,
+                    response_serializer=azolla_dot_orchestrator__pb2.EventRecord.SerializeToString,
+            ),
+            'RequeueTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueTask,
+                    request_deserializer=azolla_dot_orchestrator__pb2.RequeueTaskRequest.FromString,
+                    response_serializer=azolla_dot_orchestrator__pb2.RequeueTaskResponse.SerializeToString,
+            ),
+            'RequeueDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueDeadLetters,
+                    request_deserializer=azolla_dot_orchestrator__pb2.ListTasksRequest.FromString,
+                    response_serializer=azolla_dot_orchestrator__pb2.RequeueDeadLettersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'azolla.orchestrator.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('azolla.orchestrator.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Extension: operator RPCs used by the `azolla` CLI. They follow the same rules as the client
+    RPCs (domains, validation); they never bypass the orchestrator.
+    """
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azolla.orchestrator.AdminService/ListTasks',
+            azolla_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
+            azolla_dot_orchestrator__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShepherds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azolla.orchestrator.AdminService/ListShepherds',
+            azolla_dot_orchestrator__pb2.ListShepherdsRequest.SerializeToString,
+            azolla_dot_orchestrator__pb2.ListShepherdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/azolla.orchestrator.AdminService/TailEvents',
+            azolla_dot_orchestrator__pb2.TailEventsRequest.SerializeToString,
+            azolla_dot_orchestrator__pb2.EventRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azolla.orchestrator.AdminService/RequeueTask',
+            azolla_dot_orchestrator__pb2.RequeueTaskRequest.SerializeToString,
+            azolla_dot_orchestrator__pb2.RequeueTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azolla.orchestrator.AdminService/RequeueDeadLetters',
+            azolla_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
+            azolla_dot_orchestrator__pb2.RequeueDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

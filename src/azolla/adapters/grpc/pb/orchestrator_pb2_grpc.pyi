@@ -184,3 +184,88 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.ServerMsg], _abc.AsyncIterator[_orchestrator_pb2.ServerMsg]]: ...
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminServiceStub:
+    """Extension: operator RPCs used by the `azolla` CLI. They follow the same rules as the client
+    RPCs (domains, validation); they never bypass the orchestrator.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListTasksRequest, _orchestrator_pb2.ListTasksResponse]
+    ListShepherds: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListShepherdsRequest, _orchestrator_pb2.ListShepherdsResponse]
+    TailEvents: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.TailEventsRequest, _orchestrator_pb2.EventRecord]
+    """Streams committed events after a position, then follows new ones while `follow` is set."""
+    RequeueTask: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RequeueTaskRequest, _orchestrator_pb2.RequeueTaskResponse]
+    """Re-runs a failed or cancelled task as a new task (a new attempt sequence) with the same
+    name, arguments and options. Idempotent per source task.
+    """
+    RequeueDeadLetters: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListTasksRequest, _orchestrator_pb2.RequeueDeadLettersResponse]
+    """Requeues every failed task matching the filter (dead letters)."""
+
+@_typing.type_check_only
+class AdminServiceAsyncStub(AdminServiceStub):
+    """Extension: operator RPCs used by the `azolla` CLI. They follow the same rules as the client
+    RPCs (domains, validation); they never bypass the orchestrator.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListTasks: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListTasksRequest, _orchestrator_pb2.ListTasksResponse]  # type: ignore[assignment]
+    ListShepherds: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListShepherdsRequest, _orchestrator_pb2.ListShepherdsResponse]  # type: ignore[assignment]
+    TailEvents: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.TailEventsRequest, _orchestrator_pb2.EventRecord]  # type: ignore[assignment]
+    """Streams committed events after a position, then follows new ones while `follow` is set."""
+    RequeueTask: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RequeueTaskRequest, _orchestrator_pb2.RequeueTaskResponse]  # type: ignore[assignment]
+    """Re-runs a failed or cancelled task as a new task (a new attempt sequence) with the same
+    name, arguments and options. Idempotent per source task.
+    """
+    RequeueDeadLetters: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListTasksRequest, _orchestrator_pb2.RequeueDeadLettersResponse]  # type: ignore[assignment]
+    """Requeues every failed task matching the filter (dead letters)."""
+
+class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Extension: operator RPCs used by the `azolla` CLI. They follow the same rules as the client
+    RPCs (domains, validation); they never bypass the orchestrator.
+    """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _orchestrator_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListTasksResponse, _abc.Awaitable[_orchestrator_pb2.ListTasksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListShepherds(
+        self,
+        request: _orchestrator_pb2.ListShepherdsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListShepherdsResponse, _abc.Awaitable[_orchestrator_pb2.ListShepherdsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TailEvents(
+        self,
+        request: _orchestrator_pb2.TailEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.EventRecord], _abc.AsyncIterator[_orchestrator_pb2.EventRecord]]:
+        """Streams committed events after a position, then follows new ones while `follow` is set."""
+
+    @_abc_1.abstractmethod
+    def RequeueTask(
+        self,
+        request: _orchestrator_pb2.RequeueTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RequeueTaskResponse, _abc.Awaitable[_orchestrator_pb2.RequeueTaskResponse]]:
+        """Re-runs a failed or cancelled task as a new task (a new attempt sequence) with the same
+        name, arguments and options. Idempotent per source task.
+        """
+
+    @_abc_1.abstractmethod
+    def RequeueDeadLetters(
+        self,
+        request: _orchestrator_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RequeueDeadLettersResponse, _abc.Awaitable[_orchestrator_pb2.RequeueDeadLettersResponse]]:
+        """Requeues every failed task matching the filter (dead letters)."""
+
+def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
