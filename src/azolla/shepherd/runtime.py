@@ -1,0 +1,756 @@
+"""The shepherd runtime: one connection to an orchestrator, many attempts in child processes.
+
+:class:`ShepherdRuntime` keeps a ``ClusterService.Stream`` open to the orchestrator, runs every
+attempt pushed to it through an :class:`~azolla.domain.ports.AttemptExecutor` (never more than
+``concurrency`` at once) and reports the outcomes. The rules it follows:
+
+**Hello.** Every connection starts with a ``Hello`` carrying the shepherd's id (fresh per boot,
+the same across reconnects of one boot), its capacity, domain, group, version,
+``accepts_batches=True`` and ``running``: every attempt it still holds, i.e. attempts that
+are still executing *and* attempts whose outcome it has not delivered yet. The orchestrator's
+``HelloAck`` gives the heartbeat interval and a ``cancel`` list: held attempts the
+orchestrator no longer counts as this shepherd's (it recorded them as lost while the shepherd
+was away, or they already have an outcome). Those are stopped and their outcomes dropped
+without a report; every other held outcome is delivered. An orchestrator that sends no
+``HelloAck`` within ``hello_ack_timeout`` (the original Rust orchestrator) is spoken to in the
+original protocol: one ``task_result`` and one ``ack`` message each, no batches.
+
+**Results are batched.** Outcomes go into an outbox; one writer task drains it and sends
+everything waiting as one ``TaskResultBatch`` message (split at ``max_message_bytes``).
+Outcomes that finish while a write is in flight therefore travel together in the next
+message: there is no per-task stream message on the hot path, and no added delay either.
+
+**Acks are lazy.** An attempt still running ``ack_delay`` (50 ms) after it started is
+acknowledged, in one ``AckBatch`` with every other attempt that crossed the mark; attempts
+that finish sooner are only reported. The ack moves the attempt from *assigned* to
+*running* in the event log, so short attempts cost one event less.
+
+**Heartbeats.** A ``Status`` (current load, free slots) every heartbeat interval.
+
+**Cancel.** ``CancelAttempt`` stops the attempt through ``executor.cancel``; the executor's
+``Cancelled`` outcome is reported (the orchestrator has already recorded the cancellation, so
+the report is recorded as a confirmation, never applied as a result).
+
+**Disconnects.** When the stream breaks, attempts keep running and their outcomes stay in the
+outbox (bounded by ``max_buffered_results``; in practice by the attempts the shepherd held,
+since no new work arrives while disconnected). Outcomes written during the last
+``redeliver_window`` seconds of the broken stream are put back too: the write may not have
+reached the orchestrator, and the Hello/HelloAck exchange tells which ones it still wants.
+Reconnection uses exponential backoff with jitter, capped at ``reconnect_max_delay``, forever
+until :meth:`ShepherdRuntime.stop`.
+
+**Drain.** :meth:`ShepherdRuntime.stop` stops taking work and waits up to ``drain_timeout``
+for running attempts to end. Their outcomes are held until the last one ends and then sent in
+one final batch, after which the shepherd half-closes the stream: reporting earlier would free
+slots that the orchestrator would fill with new work the shepherd is about to abandon.
+Attempts still running at the drain timeout are stopped and *not* reported; closing the stream
+makes the orchestrator record them as lost (retried as ``InfrastructureError``). Attempts that
+were pushed but never started (only possible when the orchestrator overcommits) are dropped
+the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from azolla.adapters.grpc.pb import common_pb2 as cpb
+from azolla.adapters.grpc.pb import orchestrator_pb2 as opb
+from azolla.domain.ports import AttemptExecutor, ExecutionOutcome, ExecutionRequest
+from azolla.shepherd._wire import request_from_task, result_from_outcome
+from azolla.shepherd.connection import ConnectionLost, Connector, Link
+
+__all__ = [
+    "AttemptKey",
+    "Backoff",
+    "RuntimeConfig",
+    "RuntimeState",
+    "ShepherdRuntime",
+]
+
+log = logging.getLogger("azolla.shepherd")
+
+#: ``(task_id, attempt_number)``.
+AttemptKey = tuple[str, int]
+
+#: Error type reported when the executor itself fails (not the task).
+SHEPHERD_ERROR = "ShepherdError"
+#: Error type reported instead of a result too large to send.
+RESULT_TOO_LARGE = "ResultTooLarge"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Tunables of a :class:`ShepherdRuntime`.
+
+    Attributes:
+        domain: Domain served.
+        group: Shepherd group served.
+        concurrency: Attempts run at once (``max_concurrency`` in the Hello).
+        version: Software version announced in the Hello.
+        ack_delay: Attempts still running this long after their start are acknowledged.
+        drain_timeout: Default time running attempts get to finish on :meth:`stop`.
+        reconnect_initial_delay: First reconnection delay (doubles up to the cap).
+        reconnect_max_delay: Cap of the reconnection delay.
+        max_buffered_results: Most undelivered outcomes kept; beyond it the oldest are dropped
+            (the orchestrator then retries those attempts).
+        hello_ack_timeout: How long to wait for a ``HelloAck`` before speaking the original
+            (unbatched) protocol.
+        default_heartbeat_interval: Status interval until the orchestrator says otherwise.
+        redeliver_window: Outcomes sent this recently are offered again after a broken stream.
+        max_message_bytes: Largest stream message written (batches are split below it).
+        max_result_bytes: A single result larger than this is replaced by a
+            ``ResultTooLarge`` error (a larger message would be refused by the orchestrator
+            and break the stream on every retry).
+        delivery_timeout: After a drain, how long to keep trying to deliver held outcomes.
+        kill_grace: After the drain timeout, how long stopped attempts get to end.
+        close_timeout: After the final half-close, how long to wait for the orchestrator to
+            end the stream.
+    """
+
+    domain: str = "default"
+    group: str = "default"
+    concurrency: int = 1
+    version: str = ""
+    ack_delay: float = 0.05
+    drain_timeout: float = 30.0
+    reconnect_initial_delay: float = 0.05
+    reconnect_max_delay: float = 5.0
+    max_buffered_results: int = 100_000
+    hello_ack_timeout: float = 5.0
+    default_heartbeat_interval: float = 2.0
+    redeliver_window: float = 30.0
+    max_message_bytes: int = 1024 * 1024
+    max_result_bytes: int = 3 * 1024 * 1024
+    delivery_timeout: float = 15.0
+    kill_grace: float = 10.0
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.reconnect_max_delay <= 0 or self.reconnect_initial_delay <= 0:
+            raise ValueError("reconnect delays must be positive")
+        if self.max_buffered_results < 1:
+            raise ValueError("max_buffered_results must be at least 1")
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
+
+    Uses :func:`asyncio.timeout` rather than :func:`asyncio.wait_for`, which on Python 3.11
+    can swallow a cancellation that arrives as the awaited event fires.
+    """
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _wait_any(events: Iterable[asyncio.Event], timeout: float | None) -> None:
+    """Wait until any of ``events`` is set, at most ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter": each delay is uniform in [d/2, d].
+
+    ``d`` starts at ``initial`` and doubles on every call up to ``cap``.
+
+    Args:
+        initial: First nominal delay (seconds).
+        cap: Largest nominal delay (seconds).
+        rng: Source of randomness.
+    """
+
+    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.cap = cap
+        self._rng = rng or random.Random()
+        self._failures = 0
+
+    def next(self) -> float:
+        """Return the next delay."""
+        nominal = min(self.cap, self.initial * (2.0 ** min(self._failures, 60)))
+        self._failures += 1
+        return self._rng.uniform(nominal / 2, nominal)
+
+    def reset(self) -> None:
+        """Start again from ``initial`` (after a healthy connection)."""
+        self._failures = 0
+
+
+class RuntimeState(StrEnum):
+    """Where a runtime is in its life."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class _Attempt:
+    __slots__ = ("acked", "discard", "key", "request", "started", "task")
+
+    def __init__(self, request: ExecutionRequest, started: float) -> None:
+        self.request = request
+        self.key: AttemptKey = (request.task_id, request.attempt)
+        self.started = started
+        self.acked = False
+        self.discard = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class ShepherdRuntime:
+    """Serves one orchestrator: runs pushed attempts, reports outcomes, survives disconnects.
+
+    The runtime owns ``executor``: :meth:`stop` closes it.
+
+    Args:
+        executor: Runs attempts.
+        connector: Opens streams to the orchestrator.
+        config: Tunables.
+        shepherd_id: The id announced in every Hello (a fresh UUID by default: one per boot).
+    """
+
+    def __init__(
+        self,
+        executor: AttemptExecutor,
+        connector: Connector,
+        config: RuntimeConfig | None = None,
+        *,
+        shepherd_id: str | None = None,
+    ) -> None:
+        self.executor = executor
+        self.connector = connector
+        self.config = config or RuntimeConfig()
+        self.shepherd_id = shepherd_id or str(uuid.uuid4())
+        self.state = RuntimeState.NEW
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("connections", "connect_failures", "messages_sent", "result_messages",
+             "results_sent", "ack_messages", "acks_sent", "status_sent", "tasks_received",
+             "task_messages", "cancels_received", "results_dropped", "results_discarded",
+             "results_redelivered", "attempts_started", "attempts_queued"), 0)
+        self.connected = asyncio.Event()
+        self._running: dict[AttemptKey, _Attempt] = {}
+        self._queued: OrderedDict[AttemptKey, ExecutionRequest] = OrderedDict()
+        self._outbox: OrderedDict[AttemptKey, cpb.TaskResult] = OrderedDict()
+        self._sent: deque[tuple[float, AttemptKey, cpb.TaskResult]] = deque()
+        self._ack_queue: deque[tuple[float, AttemptKey]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._hello_acked = asyncio.Event()
+        self._retry_now = asyncio.Event()
+        self._modern: bool | None = None
+        self._heartbeat_interval = self.config.default_heartbeat_interval
+        self._draining = False
+        self._final = False
+        self._main: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._stopper: asyncio.Task[None] | None = None
+        self._drain_deadline: float | None = None
+        self._deadline_changed = asyncio.Event()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Attempts executing now."""
+        return len(self._running)
+
+    @property
+    def held(self) -> list[AttemptKey]:
+        """Attempts this shepherd holds: executing, waiting for a slot, or not yet reported."""
+        keys: dict[AttemptKey, None] = dict.fromkeys(self._running)
+        keys.update(dict.fromkeys(self._queued))
+        keys.update(dict.fromkeys(self._outbox))
+        return list(keys)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._draining
+
+    async def start(self) -> None:
+        """Start connecting and serving in the background (returns at once)."""
+        if self._main is not None:
+            return
+        self.state = RuntimeState.CONNECTING
+        self._main = asyncio.create_task(self._run(), name=f"azolla-shepherd-{self.shepherd_id}")
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the orchestrator accepted the Hello.
+
+        Raises:
+            TimeoutError: Not connected within ``timeout`` seconds.
+        """
+        if not await _wait_event(self.connected, timeout):
+            raise TimeoutError(f"not connected to {self.connector.description} within "
+                               f"{timeout} s")
+
+    async def wait_stopped(self) -> None:
+        """Wait until the runtime has stopped (after :meth:`stop`)."""
+        await self._stopped.wait()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Drain and stop: take no more work, let running attempts finish, report, disconnect.
+
+        Calling it again while a drain is in progress waits for the same drain; a shorter
+        ``drain_timeout`` in the later call cuts the wait (e.g. ``stop(0)`` on a second
+        Ctrl-C).
+
+        Args:
+            drain_timeout: Seconds running attempts may still take (default: the config's).
+                Attempts still running then are stopped and not reported; the orchestrator
+                records them as lost and retries them.
+        """
+        timeout = self.config.drain_timeout if drain_timeout is None else max(drain_timeout, 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+            self._deadline_changed.set()
+        if self._stopper is None:
+            self._stopper = asyncio.create_task(self._stop(), name="azolla-shepherd-stop")
+        await asyncio.shield(self._stopper)
+
+    async def _stop(self) -> None:
+        self._draining = True
+        self.state = RuntimeState.DRAINING
+        if self._queued:
+            log.info("draining: %d attempts that never started are left to the orchestrator",
+                     len(self._queued))
+            self._queued.clear()
+        log.info("draining: %d attempts running", len(self._running))
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        while not self._idle.is_set():
+            assert self._drain_deadline is not None
+            remaining = self._drain_deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._deadline_changed.clear()
+            await _wait_any((self._idle, self._deadline_changed), remaining)
+        if self._running:
+            log.warning("drain timeout: stopping %d attempts still running (the orchestrator "
+                        "will retry them)", len(self._running))
+            for attempt in list(self._running.values()):
+                attempt.discard = True
+                self._spawn(self._cancel_in_executor(attempt.key))
+            await _wait_event(self._idle, self.config.kill_grace)
+            for attempt in list(self._running.values()):
+                if attempt.task is not None:
+                    attempt.task.cancel()
+        self._final = True
+        self._wake.set()
+        self._retry_now.set()
+        main = self._main
+        if main is not None:
+            done, _ = await asyncio.wait({main}, timeout=self.config.delivery_timeout)
+            if not done:
+                if self._outbox:
+                    log.warning("could not deliver %d outcomes before stopping; the "
+                                "orchestrator will retry those attempts", len(self._outbox))
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await main
+        await self._shutdown()
+
+    # -- the connection loop ------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        return self._final and not self._outbox and not self._running
+
+    async def _run(self) -> None:
+        backoff = Backoff(self.config.reconnect_initial_delay, self.config.reconnect_max_delay)
+        try:
+            while not self._finished():
+                self.state = RuntimeState.CONNECTING
+                healthy = False
+                link: Link | None = None
+                try:
+                    link = await self.connector.open()
+                    healthy = await self._session(link)
+                except ConnectionLost as exc:
+                    self._log_lost(exc)
+                except Exception:  # a bug: log it and keep serving
+                    log.exception("shepherd connection failed")
+                finally:
+                    if link is not None:
+                        with contextlib.suppress(Exception):
+                            await link.close()
+                    self._on_link_closed()
+                if healthy:
+                    backoff.reset()
+                if self._finished():
+                    break
+                self.state = RuntimeState.DRAINING if self._draining else (
+                    RuntimeState.DISCONNECTED)
+                delay = backoff.next()
+                self._retry_now.clear()
+                await _wait_event(self._retry_now, delay)
+        finally:
+            self.connected.clear()
+
+    def _log_lost(self, exc: ConnectionLost) -> None:
+        self.stats["connect_failures"] += 1
+        if self.stats["connect_failures"] <= 3 or self.stats["connect_failures"] % 20 == 0:
+            log.warning("orchestrator %s unreachable or stream lost (%s); retrying",
+                        self.connector.description, exc)
+        else:
+            log.debug("orchestrator %s: %s", self.connector.description, exc)
+
+    async def _session(self, link: Link) -> bool:
+        """Run one stream until it ends. Returns True if the Hello was answered."""
+        self._modern = None
+        self._hello_acked.clear()
+        hello = opb.Hello(
+            shepherd_uuid=self.shepherd_id, max_concurrency=self.config.concurrency,
+            domain=self.config.domain, shepherd_group=self.config.group,
+            version=self.config.version, accepts_batches=True,
+            running=[opb.RunningAttempt(task_id=t, attempt_number=n) for t, n in self.held])
+        await link.send(opb.ClientMsg(hello=hello))
+        self.stats["connections"] += 1
+        reader = asyncio.create_task(self._read_loop(link), name="azolla-shepherd-reader")
+        writer = asyncio.create_task(self._write_loop(link), name="azolla-shepherd-writer")
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer in done and writer.exception() is None:
+                # The writer delivered everything and half-closed. The orchestrator ends the
+                # stream once it has read every message: then nothing needs redelivery.
+                await asyncio.wait({reader}, timeout=self.config.close_timeout)
+                if reader.done() and not reader.cancelled() and reader.exception() is None:
+                    self._sent.clear()
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            results = await asyncio.gather(reader, writer, return_exceptions=True)
+        for result in results:
+            if isinstance(result, ConnectionLost):
+                self._log_lost(result)
+            elif isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError):
+                log.error("shepherd stream task failed", exc_info=result)
+        return self._modern is not None
+
+    def _on_link_closed(self) -> None:
+        self.connected.clear()
+        self._hello_acked.clear()
+        self._modern = None
+        if self._sent:
+            # Outcomes written recently may not have reached the orchestrator: offer them
+            # again (the next Hello lists them; the HelloAck says which to drop).
+            cutoff = time.monotonic() - self.config.redeliver_window
+            again: OrderedDict[AttemptKey, cpb.TaskResult] = OrderedDict()
+            for sent_at, key, result in self._sent:
+                if sent_at >= cutoff and key not in self._outbox:
+                    again[key] = result
+            self._sent.clear()
+            self.stats["results_redelivered"] += len(again)
+            again.update(self._outbox)
+            self._outbox = again
+            self._trim_outbox()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _read_loop(self, link: Link) -> None:
+        while True:
+            message = await link.receive()
+            if message is None:
+                log.info("the orchestrator ended the stream")
+                return
+            kind = message.WhichOneof("kind")
+            if kind == "hello_ack":
+                self._on_hello_ack(message.hello_ack)
+                continue
+            if self._modern is None:
+                self._modern = False  # an orchestrator that does not send HelloAck
+                self._handshake_done()
+            if kind == "tasks":
+                self.stats["task_messages"] += 1
+                self._admit([request_from_task(t, self.config.domain)
+                             for t in message.tasks.tasks])
+            elif kind == "task":
+                self.stats["task_messages"] += 1
+                self._admit([request_from_task(message.task, self.config.domain)])
+            elif kind == "cancel":
+                self.stats["cancels_received"] += 1
+                cancel = message.cancel
+                self._cancel((cancel.task_id, cancel.attempt_number), report=True,
+                             reason=cancel.reason)
+
+    def _on_hello_ack(self, ack: opb.HelloAck) -> None:
+        if ack.heartbeat_interval_ms > 0:
+            self._heartbeat_interval = max(ack.heartbeat_interval_ms / 1000.0, 0.05)
+        dropped = 0
+        for item in ack.cancel:
+            key = (item.task_id, item.attempt_number)
+            if self._cancel(key, report=False, reason="superseded while disconnected"):
+                dropped += 1
+        if dropped:
+            log.info("the orchestrator no longer counts %d held attempts as ours; dropped",
+                     dropped)
+        self._modern = True
+        self._handshake_done()
+
+    def _handshake_done(self) -> None:
+        self._hello_acked.set()
+        self.connected.set()
+        if not self._draining:
+            self.state = RuntimeState.CONNECTED
+        log.info("connected to %s as shepherd %s (%s protocol, capacity %d)",
+                 self.connector.description, self.shepherd_id,
+                 "batched" if self._modern else "original", self.config.concurrency)
+        self._wake.set()
+
+    # -- attempts -----------------------------------------------------------------------------
+
+    def _admit(self, requests: Iterable[ExecutionRequest]) -> None:
+        loop_time = time.monotonic()
+        for request in requests:
+            self.stats["tasks_received"] += 1
+            key = (request.task_id, request.attempt)
+            if key in self._running or key in self._queued or key in self._outbox:
+                continue  # a duplicate push
+            if self._draining:
+                log.info("draining: not starting %s attempt %d", *key)
+                continue
+            if len(self._running) < self.config.concurrency:
+                self._start(request, loop_time)
+            else:
+                self.stats["attempts_queued"] += 1
+                self._queued[key] = request
+
+    def _start(self, request: ExecutionRequest, now: float) -> None:
+        attempt = _Attempt(request, now)
+        self._running[attempt.key] = attempt
+        self._idle.clear()
+        self.stats["attempts_started"] += 1
+        attempt.task = asyncio.create_task(self._execute(attempt),
+                                           name=f"azolla-attempt-{attempt.key[0]}-{attempt.key[1]}")
+        was_empty = not self._ack_queue
+        self._ack_queue.append((now + self.config.ack_delay, attempt.key))
+        if was_empty:
+            self._wake.set()
+
+    def _start_queued(self) -> None:
+        now = time.monotonic()
+        while self._queued and len(self._running) < self.config.concurrency \
+                and not self._draining:
+            _, request = self._queued.popitem(last=False)
+            self._start(request, now)
+
+    async def _execute(self, attempt: _Attempt) -> None:
+        request = attempt.request
+        try:
+            try:
+                outcome = await self.executor.execute(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("the executor failed on %s attempt %d", *attempt.key)
+                outcome = ExecutionOutcome(
+                    task_id=request.task_id, attempt=request.attempt, ok=False,
+                    error_type=SHEPHERD_ERROR, error_message=f"the shepherd's executor failed: "
+                    f"{type(exc).__name__}: {exc}", retriable=True)
+        finally:
+            if self._running.get(attempt.key) is attempt:
+                del self._running[attempt.key]
+            self._start_queued()
+            if not self._running:
+                self._idle.set()
+        if attempt.discard:
+            self.stats["results_discarded"] += 1
+            return
+        self._deliver(attempt.key, outcome)
+
+    def _deliver(self, key: AttemptKey, outcome: ExecutionOutcome) -> None:
+        result = result_from_outcome(outcome)
+        result.task_id, result.attempt_number = key
+        if result.ByteSize() > self.config.max_result_bytes:
+            size = result.ByteSize()
+            result = result_from_outcome(ExecutionOutcome(
+                task_id=key[0], attempt=key[1], ok=False, error_type=RESULT_TOO_LARGE,
+                error_message=f"the attempt's outcome is {size} bytes; the limit is "
+                f"{self.config.max_result_bytes}", retriable=False))
+        self._outbox[key] = result
+        self._trim_outbox()
+        self._wake.set()
+
+    def _trim_outbox(self) -> None:
+        while len(self._outbox) > self.config.max_buffered_results:
+            key, _ = self._outbox.popitem(last=False)
+            self.stats["results_dropped"] += 1
+            log.warning("outcome buffer full (%d): dropped the outcome of %s attempt %d; the "
+                        "orchestrator will retry it", self.config.max_buffered_results, *key)
+
+    def _cancel(self, key: AttemptKey, *, report: bool, reason: str) -> bool:
+        """Stop a held attempt. Returns True if it was held."""
+        request = self._queued.pop(key, None)
+        if request is not None:
+            if report:
+                self._deliver(key, ExecutionOutcome(
+                    task_id=key[0], attempt=key[1], ok=False, error_type="Cancelled",
+                    error_message=reason or "cancelled before it started", retriable=False))
+            return True
+        attempt = self._running.get(key)
+        if attempt is not None:
+            if not report:
+                attempt.discard = True
+            self._spawn(self._cancel_in_executor(key))
+            return True
+        return not report and self._outbox.pop(key, None) is not None
+
+    async def _cancel_in_executor(self, key: AttemptKey) -> None:
+        try:
+            await self.executor.cancel(key[0], key[1])
+        except Exception:
+            log.exception("cancelling %s attempt %d failed", *key)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def _write_loop(self, link: Link) -> None:
+        deadline = time.monotonic() + self.config.hello_ack_timeout
+        while not self._hello_acked.is_set():
+            if self._final and not self._outbox and not self._running:
+                await link.finish()  # nothing to deliver: leave at once
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if self._modern is None:
+                    self._modern = False
+                    self._handshake_done()
+                break
+            self._wake.clear()
+            await _wait_any((self._hello_acked, self._wake), remaining)
+        last_status = time.monotonic()
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            messages: list[opb.ClientMsg] = []
+            if self._outbox and (not self._draining or self._final):
+                messages.extend(self._result_messages(now))
+            acks = self._due_acks(now)
+            if acks:
+                self.stats["acks_sent"] += len(acks)
+                if self._modern:
+                    self.stats["ack_messages"] += 1
+                    messages.append(opb.ClientMsg(acks=opb.AckBatch(acks=acks)))
+                else:
+                    self.stats["ack_messages"] += len(acks)
+                    messages.extend(opb.ClientMsg(ack=ack) for ack in acks)
+            if now - last_status >= self._heartbeat_interval:
+                last_status = now
+                messages.append(opb.ClientMsg(status=self._status()))
+                self.stats["status_sent"] += 1
+            for message in messages:
+                await link.send(message)
+            self.stats["messages_sent"] += len(messages)
+            self._prune_sent(now)
+            if self._final and not self._outbox and not self._running:
+                await link.finish()
+                return
+            if self._wake.is_set():
+                continue
+            timeout = last_status + self._heartbeat_interval - time.monotonic()
+            if self._ack_queue:
+                timeout = min(timeout, self._ack_queue[0][0] - time.monotonic())
+            if timeout > 0:
+                await _wait_event(self._wake, timeout)
+                # Let outcomes that complete in the same loop iteration join this batch.
+                await asyncio.sleep(0)
+
+    def _result_messages(self, now: float) -> list[opb.ClientMsg]:
+        results = list(self._outbox.items())
+        self._outbox.clear()
+        for key, result in results:
+            self._sent.append((now, key, result))
+        self.stats["results_sent"] += len(results)
+        if not self._modern:
+            self.stats["result_messages"] += len(results)
+            return [opb.ClientMsg(task_result=result) for _, result in results]
+        messages: list[opb.ClientMsg] = []
+        chunk: list[cpb.TaskResult] = []
+        size = 0
+        for _, result in results:
+            item = result.ByteSize() + 8
+            if chunk and size + item > self.config.max_message_bytes:
+                messages.append(opb.ClientMsg(task_results=opb.TaskResultBatch(results=chunk)))
+                chunk, size = [], 0
+            chunk.append(result)
+            size += item
+        if chunk:
+            messages.append(opb.ClientMsg(task_results=opb.TaskResultBatch(results=chunk)))
+        self.stats["result_messages"] += len(messages)
+        return messages
+
+    def _due_acks(self, now: float) -> list[opb.Ack]:
+        acks: list[opb.Ack] = []
+        queue = self._ack_queue
+        while queue and queue[0][0] <= now:
+            _, key = queue.popleft()
+            attempt = self._running.get(key)
+            if attempt is None or attempt.acked:
+                continue
+            attempt.acked = True
+            acks.append(opb.Ack(task_id=key[0], attempt_number=key[1]))
+        return acks
+
+    def _status(self) -> opb.Status:
+        load = len(self._running)
+        free = 0 if self._draining else max(self.config.concurrency - load - len(self._queued), 0)
+        return opb.Status(current_load=load, available_capacity=free)
+
+    def _prune_sent(self, now: float) -> None:
+        cutoff = now - self.config.redeliver_window
+        sent = self._sent
+        while sent and sent[0][0] < cutoff:
+            sent.popleft()
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        for attempt in list(self._running.values()):
+            if attempt.task is not None:
+                attempt.task.cancel()
+        tasks = [a.task for a in self._running.values() if a.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await self.executor.close()
+        except Exception:
+            log.exception("closing the executor failed")
+        self.state = RuntimeState.STOPPED
+        self._stopped.set()
+

@@ -1,0 +1,418 @@
+"""The shepherd runtime's protocol behaviour, against an in-memory orchestrator end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from azolla.adapters.grpc.pb import orchestrator_pb2 as opb
+from azolla.shepherd.runtime import Backoff, RuntimeConfig, RuntimeState, ShepherdRuntime
+
+from ._fakes import FakeConnector, ScriptedExecutor, task
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def config(**overrides: object) -> RuntimeConfig:
+    values: dict[str, object] = {
+        "concurrency": 4, "version": "test", "ack_delay": 0.05,
+        "reconnect_initial_delay": 0.01, "reconnect_max_delay": 0.05, "drain_timeout": 5.0,
+        "hello_ack_timeout": 2.0, "delivery_timeout": 5.0, "kill_grace": 2.0,
+    }
+    values.update(overrides)
+    return RuntimeConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def executor() -> ScriptedExecutor:
+    return ScriptedExecutor()
+
+
+@pytest.fixture
+def connector() -> FakeConnector:
+    return FakeConnector()
+
+
+@pytest.fixture
+async def runtime(executor: ScriptedExecutor,
+                  connector: FakeConnector) -> AsyncIterator[ShepherdRuntime]:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    yield rt
+    await rt.stop(drain_timeout=0)
+
+
+async def test_hello_announces_the_shepherd(runtime: ShepherdRuntime,
+                                            connector: FakeConnector) -> None:
+    link, hello = await connector.accept()
+    assert hello.shepherd_uuid == runtime.shepherd_id
+    assert hello.max_concurrency == 4
+    assert (hello.domain, hello.shepherd_group) == ("default", "default")
+    assert hello.accepts_batches is True
+    assert hello.version == "test"
+    assert list(hello.running) == []
+    link.hello_ack()
+    await runtime.wait_connected(5)
+    assert runtime.state is RuntimeState.CONNECTED
+
+
+async def test_outcomes_finishing_together_travel_in_one_message(
+        runtime: ShepherdRuntime, connector: FakeConnector, executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    await runtime.wait_connected(5)
+    ids = [f"t{i}" for i in range(4)]
+    link.push_tasks(*(task(i, "wait") for i in ids))
+    for i in ids:
+        await executor.wait_started(i)
+    for i in ids:
+        executor.release(i)
+    results = await link.results(4)
+    assert sorted(r.task_id for r in results) == ids
+    assert all(r.attempt_number == 1 and r.success.result.json_value == '"done"'
+               for r in results)
+    assert len(link.of_kind("task_results")) == 1
+    assert link.of_kind("task_result") == []
+
+
+async def test_fast_attempts_are_not_acked_slow_ones_are(
+        runtime: ShepherdRuntime, connector: FakeConnector, executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    await runtime.wait_connected(5)
+    link.push_tasks(task("fast", "ok", args=[1]), task("slow", "wait"))
+    ack = await link.next_message("acks")
+    assert [(a.task_id, a.attempt_number) for a in ack.acks.acks] == [("slow", 1)]
+    executor.release("slow")
+    results = await link.results(2)
+    assert {r.task_id for r in results} == {"fast", "slow"}
+    assert len(link.of_kind("acks")) == 1
+
+
+async def test_never_more_than_concurrency_attempts_at_once(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config(concurrency=2))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        link.push_tasks(*(task(f"s{i}", "sleep", args=[0.02]) for i in range(7)))
+        results = await link.results(7)
+        assert len({r.task_id for r in results}) == 7
+        assert executor.peak == 2
+    finally:
+        await rt.stop(0)
+
+
+async def test_cancel_attempt_stops_it_and_reports_cancelled(
+        runtime: ShepherdRuntime, connector: FakeConnector, executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("victim", "wait", attempt=2))
+    await executor.wait_started("victim")
+    link.push(opb.ServerMsg(cancel=opb.CancelAttempt(task_id="victim", attempt_number=2,
+                                                     reason="cancelled")))
+    (result,) = await link.results(1)
+    assert (result.task_id, result.attempt_number) == ("victim", 2)
+    assert result.error.type == "Cancelled"
+    assert result.error.retriable is False
+    assert executor.cancelled == [("victim", 2)]
+
+
+async def test_heartbeats_follow_the_hello_ack_interval(
+        runtime: ShepherdRuntime, connector: FakeConnector, executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack(interval_ms=50)
+    link.push_tasks(task("busy", "wait"))
+    await executor.wait_started("busy")
+    first = await link.next_message("status")
+    second = await link.next_message("status")
+    assert second.status.current_load == 1
+    assert second.status.available_capacity == 3
+    assert first.status.current_load in (0, 1)
+    executor.release("busy")
+
+
+async def test_outcomes_of_a_broken_stream_are_delivered_after_reconnect(
+        runtime: ShepherdRuntime, connector: FakeConnector, executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("a", "wait"), task("b", "wait"))
+    await executor.wait_started("a")
+    await executor.wait_started("b")
+    link.break_()
+    executor.release("a")  # finishes while disconnected
+    link2, hello = await connector.accept()
+    held = {(r.task_id, r.attempt_number) for r in hello.running}
+    assert held == {("a", 1), ("b", 1)}
+    link2.hello_ack()
+    (result,) = await link2.results(1)
+    assert result.task_id == "a"
+    executor.release("b")
+    (result,) = await link2.results(1)
+    assert result.task_id == "b"
+    assert link.of_kind("task_results") == []
+
+
+async def test_hello_ack_cancel_list_drops_superseded_attempts(
+        runtime: ShepherdRuntime, connector: FakeConnector, executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("done", "wait"), task("stale", "wait"), task("kept", "wait"))
+    for i in ("done", "stale", "kept"):
+        await executor.wait_started(i)
+    link.break_()
+    executor.release("done")
+    link2, hello = await connector.accept()
+    assert {r.task_id for r in hello.running} == {"done", "stale", "kept"}
+    link2.hello_ack(cancel=[("done", 1), ("stale", 1)])
+    await asyncio.sleep(0.05)
+    executor.release("kept")
+    (result,) = await link2.results(1)
+    assert result.task_id == "kept"
+    assert ("stale", 1) in executor.cancelled
+    await asyncio.sleep(0.05)
+    sent = [r.task_id for m in link2.of_kind("task_results") for r in m.task_results.results]
+    assert sent == ["kept"]
+
+
+async def test_results_written_just_before_a_break_are_offered_again(
+        runtime: ShepherdRuntime, connector: FakeConnector) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("x", "ok", args=[5]))
+    (result,) = await link.results(1)
+    assert result.success.result.json_value == "5"
+    link.break_()  # the orchestrator may have died before reading it
+    link2, hello = await connector.accept()
+    assert [(r.task_id, r.attempt_number) for r in hello.running] == [("x", 1)]
+    link2.hello_ack()  # it still wants it (after a restart it adopted the attempt)
+    (again,) = await link2.results(1)
+    assert again.task_id == "x"
+    assert runtime.stats["results_redelivered"] == 1
+
+
+async def test_reconnects_with_backoff_until_the_orchestrator_answers(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    connector.refuse = 5
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        await rt.wait_connected(5)
+        assert connector.attempts == 6
+    finally:
+        await rt.stop(0)
+
+
+async def test_clean_end_of_stream_reconnects(runtime: ShepherdRuntime,
+                                              connector: FakeConnector) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.end()
+    _, hello = await connector.accept()
+    assert hello.shepherd_uuid == runtime.shepherd_id
+
+
+async def test_drain_finishes_running_attempts_then_half_closes(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("a", "wait"), task("b", "wait"))
+    await executor.wait_started("a")
+    await executor.wait_started("b")
+    stopping = asyncio.create_task(rt.stop(drain_timeout=10))
+    await asyncio.sleep(0.05)
+    assert rt.draining
+    link.push_tasks(task("late", "ok"))  # pushed during the drain: not started
+    executor.release("a")
+    await asyncio.sleep(0.1)
+    assert link.of_kind("task_results") == []  # held until the last attempt ends
+    executor.release("b")
+    results = await link.results(2)
+    assert {r.task_id for r in results} == {"a", "b"}
+    await asyncio.wait_for(link.finished.wait(), 5)
+    link.end()
+    await asyncio.wait_for(stopping, 10)
+    assert ("late", 1) not in executor.started
+    assert executor.closed
+    assert rt.state is RuntimeState.STOPPED
+
+
+async def test_drain_timeout_stops_attempts_without_reporting_them(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("stuck", "wait"), task("quick", "ok", args=[1]))
+    await executor.wait_started("stuck")
+    await link.results(1)
+    started = asyncio.get_running_loop().time()
+    stopping = asyncio.create_task(rt.stop(drain_timeout=0.2))
+    await asyncio.wait_for(link.finished.wait(), 5)
+    link.end()
+    await asyncio.wait_for(stopping, 10)
+    assert asyncio.get_running_loop().time() - started < 3
+    assert executor.cancelled == [("stuck", 1)]
+    assert all(r.task_id != "stuck" for m in link.of_kind("task_results")
+               for r in m.task_results.results)
+
+
+async def test_second_stop_with_zero_timeout_cuts_the_drain(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("stuck", "wait"))
+    await executor.wait_started("stuck")
+    first = asyncio.create_task(rt.stop(drain_timeout=60))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(rt.stop(drain_timeout=0), 10)
+    await asyncio.wait_for(first, 1)
+    assert executor.cancelled == [("stuck", 1)]
+
+
+async def test_drain_while_disconnected_delivers_after_reconnect(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("a", "wait"))
+    await executor.wait_started("a")
+    connector.refuse = 3
+    link.break_()
+    stopping = asyncio.create_task(rt.stop(drain_timeout=10))
+    executor.release("a")
+    link2, hello = await connector.accept()
+    assert [r.task_id for r in hello.running] == ["a"]
+    link2.hello_ack()
+    (result,) = await link2.results(1)
+    assert result.task_id == "a"
+    await asyncio.wait_for(link2.finished.wait(), 5)
+    link2.end()
+    await asyncio.wait_for(stopping, 10)
+
+
+async def test_an_orchestrator_without_hello_ack_gets_the_original_protocol(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config(hello_ack_timeout=0.1))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.push(opb.ServerMsg(task=task("one", "ok", args=["x"])))
+        link.push(opb.ServerMsg(task=task("two", "ok", args=["y"])))
+        results = await link.results(2)
+        assert {r.success.result.json_value for r in results} == {'"x"', '"y"'}
+        assert link.of_kind("task_results") == []
+        assert len(link.of_kind("task_result")) == 2
+    finally:
+        await rt.stop(0)
+
+
+async def test_executor_failure_is_reported_as_a_retriable_shepherd_error(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    async def explode(request: object) -> None:
+        raise RuntimeError("executor bug")
+
+    executor.on_start = explode
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        link.push_tasks(task("t", "ok"))
+        (result,) = await link.results(1)
+        assert result.error.type == "ShepherdError"
+        assert result.error.retriable is True
+        assert "executor bug" in result.error.message
+    finally:
+        await rt.stop(0)
+
+
+async def test_oversized_results_become_result_too_large(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config(max_result_bytes=1000))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        link.push_tasks(task("big", "ok", args=["x" * 5000]))
+        (result,) = await link.results(1)
+        assert result.error.type == "ResultTooLarge"
+        assert result.error.retriable is False
+    finally:
+        await rt.stop(0)
+
+
+async def test_many_results_are_split_below_the_message_size(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config(max_message_bytes=300, concurrency=20))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        ids = [f"t{i:02}" for i in range(20)]
+        link.push_tasks(*(task(i, "wait") for i in ids))
+        for i in ids:
+            await executor.wait_started(i)
+        for i in ids:
+            executor.gate(i).set()
+        results = await link.results(20)
+        assert sorted(r.task_id for r in results) == ids
+        messages = link.of_kind("task_results")
+        assert all(m.ByteSize() <= 400 for m in messages)
+        assert 1 < len(messages) < 20
+    finally:
+        await rt.stop(0)
+
+
+async def test_duplicate_pushes_run_once(runtime: ShepherdRuntime, connector: FakeConnector,
+                                         executor: ScriptedExecutor) -> None:
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("d", "wait"))
+    link.push_tasks(task("d", "wait"))
+    await executor.wait_started("d")
+    await asyncio.sleep(0.05)
+    executor.release("d")
+    (result,) = await link.results(1)
+    assert result.task_id == "d"
+    assert executor.started == [("d", 1)]
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    backoff = Backoff(0.1, 1.0, random.Random(7))
+    delays = [backoff.next() for _ in range(10)]
+    nominal = [min(1.0, 0.1 * 2**i) for i in range(10)]
+    for delay, cap in zip(delays, nominal, strict=True):
+        assert cap / 2 <= delay <= cap
+    backoff.reset()
+    assert backoff.next() <= 0.1
+
+
+def test_runtime_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        RuntimeConfig(concurrency=0)
+
+
+def test_result_payload_is_json_text() -> None:
+    from azolla.domain.ports import ExecutionOutcome
+    from azolla.shepherd._wire import result_from_outcome
+
+    ok = result_from_outcome(ExecutionOutcome("t", 3, True, json.dumps({"a": [1, 2]})))
+    assert ok.attempt_number == 3
+    assert json.loads(ok.success.result.json_value) == {"a": [1, 2]}
+    bad = result_from_outcome(ExecutionOutcome("t", 1, False, error_type="E",
+                                               error_message="m", retriable=False))
+    assert (bad.error.type, bad.error.message, bad.error.data, bad.error.retriable) == (
+        "E", "m", "{}", False)
