@@ -305,7 +305,7 @@ class Orchestrator:
         position = self.taskset.position
         pending: dict[UUID, list[StoredEvent]] = {}
         while True:
-            page = await self.store.read_all(position, 5000)
+            page = await self.store.read_all(position, 20_000)
             if not page:
                 break
             for stored in page:

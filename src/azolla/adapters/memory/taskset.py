@@ -10,12 +10,13 @@ folding the log, and a rebuilt TaskSet equals the live one (:meth:`TaskSet.snaps
 from __future__ import annotations
 
 import heapq
-import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
+
+from pydantic_core import from_json
 
 from azolla.domain.ports import StoredEvent
 from azolla.domain.values import (
@@ -108,7 +109,7 @@ class TaskSet:
     def apply(self, event: StoredEvent) -> None:
         """Fold one committed event (events must arrive in position order)."""
         self.apply_parsed(event.position, event.stream_id, event.version, event.type,
-                          json.loads(event.payload))
+                          from_json(event.payload))
 
     def apply_parsed(self, position: int, stream_id: UUID, version: int, type_name: str,
                      payload: dict[str, Any]) -> None:
