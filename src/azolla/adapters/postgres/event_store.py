@@ -49,7 +49,7 @@ from uuid import UUID
 
 import asyncpg
 
-from azolla.adapters._event_checks import check_new_events
+from azolla.adapters._event_checks import MAX_PARTITION_DAY, check_new_events
 from azolla.adapters.postgres.migrations import apply_migrations as _apply_migrations
 from azolla.adapters.postgres.partitions import partition_start
 from azolla.domain.errors import (
@@ -117,15 +117,8 @@ SELECT array_agg(position){notify_col} FROM ins
 """
 
 
-class _Pending:
-    """One queued append and the future its caller awaits."""
-
-    __slots__ = ("events", "future", "nbytes")
-
-    def __init__(self, events: Sequence[NewEvent], future: asyncio.Future[list[int]]) -> None:
-        self.events = events
-        self.future = future
-        self.nbytes = 0
+_Pending = tuple[Sequence[NewEvent], "asyncio.Future[list[int]]"]
+"""One queued append: its events and the future its caller awaits (a tuple: cheap to make)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +194,8 @@ class PostgresEventStore:
         self._opts = options
         self._insert_sql = _insert_sql(options.lock, options.notify)
         self._queue: deque[_Pending] = deque()
+        self._queue_limit = options.queue_limit
+        self._loop: asyncio.AbstractEventLoop  # set by _start
         self._queued_events = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._conn: Any = None
@@ -307,6 +302,7 @@ class PostgresEventStore:
         return store
 
     async def _start(self, migrate: bool) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
             conn = await self._connect()
             if migrate:
@@ -471,15 +467,20 @@ class PostgresEventStore:
             return []
         if self._unavailable is not None:
             raise StoreUnavailable(f"event store unavailable: {self._unavailable}")
-        if self._queued_events + n > self._opts.queue_limit and self._queued_events > 0:
+        queued = self._queued_events
+        if queued + n > self._queue_limit and queued > 0:
             raise StoreOverloaded(
-                f"event store queue full ({self._queued_events} events waiting,"
-                f" limit {self._opts.queue_limit})"
+                f"event store queue full ({queued} events waiting, limit {self._queue_limit})"
             )
-        check_new_events(events)
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(events, future))
-        self._queued_events += n
+        if n == 1:
+            event = events[0]
+            if event.version < 1 or not 0 <= event.partition_day <= MAX_PARTITION_DAY:
+                check_new_events(events)  # raises ValueError
+        else:
+            check_new_events(events)
+        future: asyncio.Future[list[int]] = self._loop.create_future()
+        self._queue.append((events, future))
+        self._queued_events = queued + n
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
@@ -492,9 +493,9 @@ class PostgresEventStore:
 
     def _fail_queued(self, error: Exception) -> None:
         while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            _events, future = self._queue.popleft()
+            if not future.done():
+                future.set_exception(error)
         self._queued_events = 0
 
     async def _writer_main(self) -> None:
@@ -558,17 +559,15 @@ class PostgresEventStore:
         max_bytes = self._opts.max_batch_bytes
         while queue:
             pending = queue[0]
-            n = len(pending.events)
-            size = 0
-            for event in pending.events:
-                size += len(event.payload)
+            appended = pending[0]
+            n = len(appended)
+            size = len(appended[0].payload) if n == 1 else sum(len(e.payload) for e in appended)
             if batch and (events + n > max_batch or nbytes + size > max_bytes):
                 break
             queue.popleft()
             self._queued_events -= n
-            if pending.future.done():  # the caller was cancelled: not sent, not recorded
+            if pending[1].done():  # the caller was cancelled: not sent, not recorded
                 continue
-            pending.nbytes = size
             batch.append(pending)
             events += n
             nbytes += size
@@ -576,25 +575,20 @@ class PostgresEventStore:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         """Commit a batch; answer every caller in it (positions or an error)."""
-        batch = self._drop_in_batch_conflicts(batch)
-        if not batch:
-            return
-        domains: list[str] = []
-        stream_ids: list[UUID] = []
-        versions: list[int] = []
-        types: list[str] = []
-        payloads: list[str] = []
-        days: list[int] = []
-        terminals: list[bool] = []
-        for pending in batch:
-            for e in pending.events:
-                domains.append(e.domain)
-                stream_ids.append(e.stream_id)
-                versions.append(e.version)
-                types.append(e.type)
-                payloads.append(e.payload)
-                days.append(e.partition_day)
-                terminals.append(e.terminal)
+        events: list[NewEvent] = []
+        for appended, _future in batch:
+            events.extend(appended)
+        single = len(events) == len(batch)  # one event per append (the common case)
+        if len(batch) > 1 and len({e.stream_id.int for e in events}) < len(events):
+            # Some stream appears twice: look for collisions between appends (slow path).
+            batch = self._drop_in_batch_conflicts(batch)
+            if not batch:
+                return
+            events = []
+            for appended, _future in batch:
+                events.extend(appended)
+            single = len(events) == len(batch)
+        days = [e.partition_day for e in events]
         conn = self._conn
         sent = False
         try:
@@ -607,13 +601,13 @@ class PostgresEventStore:
             self._ahead_checked_day = today
             sent = True
             row = await self._insert.fetchrow(
-                domains,
-                stream_ids,
-                versions,
-                types,
-                payloads,
+                [e.domain for e in events],
+                [e.stream_id for e in events],
+                [e.version for e in events],
+                [e.type for e in events],
+                [e.payload for e in events],
                 days,
-                terminals,
+                [e.terminal for e in events],
                 timeout=self._opts.commit_timeout,
             )
         except asyncpg.UniqueViolationError:
@@ -623,7 +617,7 @@ class PostgresEventStore:
             await self._handle_failure(batch, exc, sent)
             return
         positions: list[int] = row[0]
-        if len(positions) != len(days):  # pragma: no cover - would be a bug in the statement
+        if len(positions) != len(events):  # pragma: no cover - would be a bug in the statement
             self._settle_error(
                 batch, StoreUnavailable("event store returned an unexpected number of positions")
             )
@@ -632,12 +626,17 @@ class PostgresEventStore:
         self.events_committed += len(positions)
         self._prev_batch_appends = len(batch)
         self._prev_batch_events = len(positions)
-        start = 0
-        for pending in batch:
-            end = start + len(pending.events)
-            if not pending.future.done():
-                pending.future.set_result(positions[start:end])
-            start = end
+        if single:
+            for (_appended, future), position in zip(batch, positions, strict=True):
+                if not future.done():
+                    future.set_result([position])
+        else:
+            start = 0
+            for appended, future in batch:
+                end = start + len(appended)
+                if not future.done():
+                    future.set_result(positions[start:end])
+                start = end
         self._note_position(positions[-1])
 
     def _drop_in_batch_conflicts(self, batch: list[_Pending]) -> list[_Pending]:
@@ -648,8 +647,9 @@ class PostgresEventStore:
         terminal: set[UUID] = set()
         kept: list[_Pending] = []
         for pending in batch:
+            appended, future = pending
             error: ConcurrencyConflict | None = None
-            for e in pending.events:
+            for e in appended:
                 if e.terminal and e.stream_id in terminal:
                     error = DuplicateTerminalOutcome(
                         f"stream {e.stream_id} already has a terminal event"
@@ -661,10 +661,10 @@ class PostgresEventStore:
                     )
                     break
             if error is not None:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+                if not future.done():
+                    future.set_exception(error)
                 continue
-            for e in pending.events:
+            for e in appended:
                 keys.add((e.stream_id, e.version))
                 if e.terminal:
                     terminal.add(e.stream_id)
@@ -679,8 +679,8 @@ class PostgresEventStore:
             days: list[int] = []
             term_ids: list[UUID] = []
             term_days: list[int] = []
-            for pending in batch:
-                for e in pending.events:
+            for appended, _future in batch:
+                for e in appended:
                     stream_ids.append(e.stream_id)
                     versions.append(e.version)
                     days.append(e.partition_day)
@@ -703,8 +703,9 @@ class PostgresEventStore:
         terminal_streams = {r[0] for r in rows if r[2]}
         rest: list[_Pending] = []
         for pending in batch:
+            appended, future = pending
             error: ConcurrencyConflict | None = None
-            for e in pending.events:
+            for e in appended:
                 if e.terminal and e.stream_id in terminal_streams:
                     error = DuplicateTerminalOutcome(
                         f"stream {e.stream_id} already has a terminal event"
@@ -717,8 +718,8 @@ class PostgresEventStore:
                     break
             if error is None:
                 rest.append(pending)
-            elif not pending.future.done():
-                pending.future.set_exception(error)
+            elif not future.done():
+                future.set_exception(error)
         if len(rest) == len(batch):
             # The offenders could not be told apart (they committed and vanished?): split.
             if len(batch) == 1:
@@ -755,9 +756,9 @@ class PostgresEventStore:
 
     @staticmethod
     def _settle_error(batch: list[_Pending], error: Exception) -> None:
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+        for _appended, future in batch:
+            if not future.done():
+                future.set_exception(error)
 
     def _lose_connection(self, conn: Any, reason: str) -> None:
         """Mark the store unavailable, drop the writer connection, fail what is queued."""
