@@ -214,6 +214,8 @@ def check_json_array(text: str, what: str, limits: SpecLimits) -> str:
     """
     if not text:
         return "[]"
+    if text == "[]":
+        return text
     if not isinstance(_parse_json(text, what, limits), list):
         raise InvalidTaskSpec(f"{what} must be a JSON array")
     return text
@@ -227,6 +229,8 @@ def check_json_object(text: str, what: str, limits: SpecLimits) -> str:
     """
     if not text:
         return "{}"
+    if text == "{}":
+        return text
     if not isinstance(_parse_json(text, what, limits), dict):
         raise InvalidTaskSpec(f"{what} must be a JSON object")
     return text
