@@ -1,0 +1,338 @@
+"""``azolla.orchestrator.ClientService``: the gRPC face of the orchestrator for submitters.
+
+A thin translator: each RPC converts its request (:mod:`azolla.adapters.grpc.convert`), calls
+one orchestrator use case and converts the answer back; domain errors become gRPC statuses with
+readable messages (:mod:`azolla.adapters.grpc.status`). Waiting RPCs are woken by the commit of
+the task's terminal event (``Orchestrator.wait`` / ``on_outcome`` / ``watch``), never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import grpc
+import grpc.aio
+
+from azolla.adapters.grpc import convert
+from azolla.adapters.grpc.pb import orchestrator_pb2, orchestrator_pb2_grpc
+from azolla.adapters.grpc.status import abort_for
+from azolla.domain.errors import (
+    AzollaDomainError,
+    InvalidTaskSpec,
+    TaskAlreadyTerminal,
+    TaskNotFound,
+)
+
+if TYPE_CHECKING:
+    from azolla.adapters.memory.taskset import TaskRecord
+    from azolla.app.model import SubmitRequest, TaskOutcome, TaskView
+    from azolla.app.orchestrator import Orchestrator
+
+__all__ = ["ClientService"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_COMPLETED = orchestrator_pb2.WAIT_FOR_TASK_STATUS_COMPLETED
+_TIMEOUT = orchestrator_pb2.WAIT_FOR_TASK_STATUS_TIMEOUT
+_NOT_FOUND = orchestrator_pb2.WAIT_FOR_TASK_STATUS_TASK_NOT_FOUND
+#: A wait longer than this (seconds) is treated as "no timeout".
+MAX_WAIT_SECONDS = 366 * 86_400.0
+#: Answer a wait this long (seconds) before the RPC deadline, so the caller gets TIMEOUT
+#: rather than DEADLINE_EXCEEDED.
+DEADLINE_MARGIN = 0.05
+_FLOWS = ("flows are not implemented by this server (the original orchestrator never "
+          "implemented them either)")
+
+
+class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
+    """Servicer of ``ClientService`` over an :class:`~azolla.app.orchestrator.Orchestrator`.
+
+    Args:
+        orchestrator: The running orchestrator.
+        max_batch: Most tasks accepted in one ``CreateTasks`` request.
+    """
+
+    def __init__(self, orchestrator: Orchestrator, *, max_batch: int = 10_000) -> None:
+        self.orchestrator = orchestrator
+        self.max_batch = max_batch
+
+    # -- submit ------------------------------------------------------------------------------
+
+    async def CreateTask(
+        self, request: orchestrator_pb2.CreateTaskRequest, context: Context
+    ) -> orchestrator_pb2.CreateTaskResponse:
+        """Create one task; answers after its event is committed."""
+        try:
+            submit = convert.submit_request_from_proto(request)
+            [result] = await self.orchestrator.submit([submit])
+        except Exception as exc:
+            await abort_for(context, exc, "CreateTask")
+        return orchestrator_pb2.CreateTaskResponse(task_id=str(result.task_id),
+                                                   deduplicated=result.deduplicated)
+
+    async def CreateTasks(
+        self, request: orchestrator_pb2.CreateTasksRequest, context: Context
+    ) -> orchestrator_pb2.CreateTasksResponse:
+        """Create many tasks in one commit; all or nothing."""
+        try:
+            if len(request.tasks) > self.max_batch:
+                raise InvalidTaskSpec(f"a CreateTasks request may hold at most {self.max_batch} "
+                                      f"tasks, got {len(request.tasks)}")
+            submits: list[SubmitRequest] = []
+            for index, item in enumerate(request.tasks):
+                try:
+                    submits.append(convert.submit_request_from_proto(item))
+                except AzollaDomainError as exc:
+                    exc.message = f"tasks[{index}]: {exc.message}"
+                    raise
+            results = await self.orchestrator.submit(submits) if submits else []
+        except Exception as exc:
+            await abort_for(context, exc, "CreateTasks")
+        return orchestrator_pb2.CreateTasksResponse(tasks=[
+            orchestrator_pb2.CreateTaskResponse(task_id=str(r.task_id),
+                                                deduplicated=r.deduplicated)
+            for r in results])
+
+    # -- wait --------------------------------------------------------------------------------
+
+    async def WaitForTask(
+        self, request: orchestrator_pb2.WaitForTaskRequest, context: Context
+    ) -> orchestrator_pb2.WaitForTaskResponse:
+        """Wait for a task's outcome (``timeout_ms``: absent = until the deadline, 0 = check)."""
+        task_id = convert.parse_task_id(request.task_id)
+        if task_id is None:
+            return orchestrator_pb2.WaitForTaskResponse(status_code=_NOT_FOUND)
+        timeout: float | None = None
+        if request.HasField("timeout_ms"):
+            timeout = request.timeout_ms / 1000.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            bound = max(remaining - DEADLINE_MARGIN, 0.0)
+            timeout = bound if timeout is None else min(timeout, bound)
+        if timeout is not None and timeout > MAX_WAIT_SECONDS:
+            timeout = None
+        try:
+            outcome = await self.orchestrator.wait(convert.with_domain(request.domain), task_id,
+                                                   timeout)
+        except TaskNotFound:
+            return orchestrator_pb2.WaitForTaskResponse(status_code=_NOT_FOUND)
+        except Exception as exc:
+            await abort_for(context, exc, "WaitForTask")
+        if outcome is None:
+            return orchestrator_pb2.WaitForTaskResponse(status_code=_TIMEOUT)
+        return convert.outcome_to_wait_response(outcome)
+
+    async def WatchTask(
+        self, request: orchestrator_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[orchestrator_pb2.TaskUpdate]:
+        """Stream the task's state changes until, and including, its terminal outcome."""
+        domain = convert.with_domain(request.domain)
+        task_id = convert.parse_task_id(request.task_id)
+        if task_id is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
+        try:
+            view = await self.orchestrator.status(domain, task_id)
+        except Exception as exc:
+            await abort_for(context, exc, "WatchTask")
+        if view.terminal:
+            yield convert.view_to_update(view)
+            return
+        updates: asyncio.Queue[orchestrator_pb2.TaskUpdate] = asyncio.Queue()
+        last_attempt = [convert.attempt_of(view)]
+
+        def changed(record: TaskRecord) -> None:
+            if record.attempts:
+                last_attempt[0] = record.attempts[-1].number
+            if not record.terminal:
+                updates.put_nowait(orchestrator_pb2.TaskUpdate(
+                    task_id=str(record.task_id), state=record.state.value,
+                    attempt_number=last_attempt[0]))
+
+        def ended(outcome: TaskOutcome) -> None:
+            update = orchestrator_pb2.TaskUpdate(task_id=str(outcome.task_id),
+                                                 state=outcome.state.value,
+                                                 attempt_number=last_attempt[0], terminal=True)
+            convert.fill_result(update, outcome.state, outcome.result, outcome.error)
+            updates.put_nowait(update)
+
+        undo_watch = self.orchestrator.watch(task_id, changed)
+        undo_outcome = self.orchestrator.on_outcome(task_id, ended)
+        try:
+            try:
+                view = await self.orchestrator.status(domain, task_id)
+            except Exception as exc:
+                await abort_for(context, exc, "WatchTask")
+            first = convert.view_to_update(view)
+            sent = (first.state, first.attempt_number)
+            yield first
+            if first.terminal:
+                return
+            while True:
+                update = await updates.get()
+                key = (update.state, update.attempt_number)
+                if key == sent and not update.terminal:
+                    continue
+                sent = key
+                yield update
+                if update.terminal:
+                    return
+        finally:
+            undo_watch()
+            undo_outcome()
+
+    async def WatchTasks(
+        self, request_iterator: AsyncIterator[orchestrator_pb2.WatchTasksRequest],
+        context: Context,
+    ) -> AsyncIterator[orchestrator_pb2.WatchTasksResponse]:
+        """One stream for many waiters: answer each sent task id once its task has ended.
+
+        Outcomes that become known together (one commit, or one request naming finished
+        tasks) leave in one response. After the client half-closes, the stream ends once
+        every id it sent has been answered.
+        """
+        watch = _MultiWatch(self.orchestrator)
+        reader = asyncio.create_task(watch.read(request_iterator), name="azolla-watch-tasks-in")
+        try:
+            while True:
+                await watch.wake.wait()
+                watch.wake.clear()
+                if watch.failure is not None:
+                    await abort_for(context, watch.failure, "WatchTasks")
+                if watch.pending:
+                    batch, watch.pending = watch.pending, []
+                    yield orchestrator_pb2.WatchTasksResponse(outcomes=batch)
+                if watch.input_done and not watch.watched:
+                    return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            watch.close()
+
+    # -- cancel and status -------------------------------------------------------------------
+
+    async def CancelTask(
+        self, request: orchestrator_pb2.CancelTaskRequest, context: Context
+    ) -> orchestrator_pb2.CancelTaskResponse:
+        """Cancel a task; ``cancelled`` is false when it had already ended."""
+        domain = convert.with_domain(request.domain)
+        task_id = convert.parse_task_id(request.task_id)
+        try:
+            if task_id is None:
+                raise TaskNotFound(f"task {request.task_id} not found")
+            try:
+                state = await self.orchestrator.cancel(domain, task_id,
+                                                       request.reason or "cancelled by a client")
+            except TaskAlreadyTerminal:
+                view = await self.orchestrator.status(domain, task_id)
+                return orchestrator_pb2.CancelTaskResponse(cancelled=False,
+                                                           state=view.state.value)
+        except Exception as exc:
+            await abort_for(context, exc, "CancelTask")
+        return orchestrator_pb2.CancelTaskResponse(cancelled=True, state=state.value)
+
+    async def GetTaskStatus(
+        self, request: orchestrator_pb2.GetTaskStatusRequest, context: Context
+    ) -> orchestrator_pb2.GetTaskStatusResponse:
+        """Return a task's state, attempt history and (when ended) outcome."""
+        task_id = convert.parse_task_id(request.task_id)
+        try:
+            if task_id is None:
+                raise TaskNotFound(f"task {request.task_id} not found")
+            view: TaskView = await self.orchestrator.status(convert.with_domain(request.domain),
+                                                            task_id)
+        except Exception as exc:
+            await abort_for(context, exc, "GetTaskStatus")
+        return convert.view_to_status_response(view)
+
+    # -- not implemented ---------------------------------------------------------------------
+
+    async def CreateFlow(
+        self, request: orchestrator_pb2.CreateFlowRequest, context: Context
+    ) -> orchestrator_pb2.CreateFlowResponse:
+        """Not implemented: answers ``UNIMPLEMENTED``."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _FLOWS)
+
+    async def WaitForFlow(
+        self, request: orchestrator_pb2.WaitForFlowRequest, context: Context
+    ) -> orchestrator_pb2.WaitForFlowResponse:
+        """Not implemented: answers ``UNIMPLEMENTED``."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _FLOWS)
+
+    async def PublishTaskEvent(
+        self, request: orchestrator_pb2.PublishTaskEventRequest, context: Context
+    ) -> orchestrator_pb2.PublishTaskEventResponse:
+        """Not implemented: answers ``UNIMPLEMENTED``."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "PublishTaskEvent is not implemented by this server")
+
+    async def PublishFlowEvent(
+        self, request: orchestrator_pb2.PublishFlowEventRequest, context: Context
+    ) -> orchestrator_pb2.PublishFlowEventResponse:
+        """Not implemented: answers ``UNIMPLEMENTED``."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _FLOWS)
+
+
+class _MultiWatch:
+    """The state of one ``WatchTasks`` stream: watched ids and outcomes not yet sent."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+        self.watched: dict[UUID, Callable[[], None]] = {}
+        self.pending: list[orchestrator_pb2.TaskOutcome] = []
+        self.wake = asyncio.Event()
+        self.input_done = False
+        self.failure: BaseException | None = None
+
+    async def read(self, requests: AsyncIterator[orchestrator_pb2.WatchTasksRequest]) -> None:
+        try:
+            async for request in requests:
+                domain = convert.with_domain(request.domain)
+                for text in request.task_ids:
+                    await self._add(domain, text)
+                if self.pending:
+                    self.wake.set()
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError:
+            pass  # the client went away; the handler is being cancelled
+        except Exception as exc:
+            self.failure = exc
+        finally:
+            self.input_done = True
+            self.wake.set()
+
+    async def _add(self, domain: str, text: str) -> None:
+        task_id = convert.parse_task_id(text)
+        if task_id is None:
+            self.pending.append(orchestrator_pb2.TaskOutcome(task_id=text, status_code=_NOT_FOUND))
+            return
+        if task_id in self.watched:
+            return
+        try:
+            outcome = await self.orchestrator.wait(domain, task_id, 0)
+        except TaskNotFound:
+            self.pending.append(orchestrator_pb2.TaskOutcome(task_id=text, status_code=_NOT_FOUND))
+            return
+        if outcome is not None:
+            self.pending.append(convert.outcome_to_task_outcome(outcome))
+            return
+
+        def ended(result: TaskOutcome) -> None:
+            self.watched.pop(task_id, None)
+            self.pending.append(convert.outcome_to_task_outcome(result))
+            self.wake.set()
+
+        self.watched[task_id] = lambda: None  # placeholder: on_outcome may call back at once
+        undo = self.orchestrator.on_outcome(task_id, ended)
+        if task_id in self.watched:
+            self.watched[task_id] = undo
+
+    def close(self) -> None:
+        for undo in self.watched.values():
+            undo()
+        self.watched.clear()

@@ -1,0 +1,265 @@
+"""Settings of ``azolla-server``: command-line flags > environment > TOML file > defaults.
+
+:func:`load_settings` builds a validated :class:`Settings`. Environment variables are named
+``AZOLLA_<SETTING>`` (``AZOLLA_PORT``, ``AZOLLA_HOST``, ``AZOLLA_STORE``, ...), except the
+database URL, which is read from ``DATABASE_URL`` (as the original orchestrator does) or
+``AZOLLA_DATABASE_URL``. The TOML file (``--config`` or ``AZOLLA_CONFIG``) uses the setting names
+as keys. Every problem is reported as one :class:`SettingsError` with a readable one-line
+message. The page ``docs/configuration.md`` documents each setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from azolla.domain.values import SpecLimits
+
+__all__ = [
+    "DEFAULT_PORT",
+    "Settings",
+    "SettingsError",
+    "default_data_dir",
+    "load_settings",
+    "redact_url",
+]
+
+#: The orchestrator's port (the original Azolla's).
+DEFAULT_PORT = 52710
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("azolla_config_file", default=None)
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or out of range (the message is one line)."""
+
+
+def default_data_dir() -> Path:
+    """Return where the embedded PostgreSQL keeps its data by default.
+
+    ``$XDG_DATA_HOME/azolla/pgdata``, i.e. ``~/.local/share/azolla/pgdata`` on most systems.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "azolla" / "pgdata"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***`` (for logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Settings(BaseSettings):
+    """Validated settings of ``azolla-server``.
+
+    Attributes:
+        host: Address the gRPC server listens on.
+        port: gRPC port (0 picks a free one).
+        database_url: PostgreSQL URL; None runs the embedded PostgreSQL (store ``postgres``).
+        store: ``postgres`` (durable) or ``memory`` (nothing survives a restart).
+        data_dir: Data folder of the embedded PostgreSQL; None means :func:`default_data_dir`.
+        allow_unsafe_db: Start even if the database runs with fsync or synchronous_commit off.
+        metrics_port: Port of the Prometheus ``/metrics`` endpoint; None turns it off.
+        metrics_host: Address the metrics endpoint listens on.
+        log_format: ``console``, ``json``, or ``auto`` (console on a terminal, else JSON).
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        heartbeat_interval_ms: How often shepherds must send a Status.
+        heartbeat_timeout_ms: Silence after which a shepherd's stream is closed.
+        ping_interval_ms: How often the server pings each shepherd stream.
+        lease_grace_seconds: Extra time past a task's timeout before the orchestrator times
+            the attempt out itself.
+        reconnect_grace_seconds: After a restart, how long running attempts wait for their
+            shepherd to reconnect before they are declared lost.
+        shutdown_grace_seconds: Time RPCs in flight get to finish on shutdown.
+        max_message_mb: Largest gRPC message, in MiB.
+        max_batch: Most tasks in one CreateTasks request.
+        max_payload_bytes: Largest args plus kwargs of one task, in bytes.
+        queue_limit: Most events waiting to be committed before submissions are refused with
+            RESOURCE_EXHAUSTED (backpressure).
+        pool_size: Read connections to PostgreSQL.
+        outcome_cache: Finished tasks kept in memory for fast waits (older ones are read
+            from the database).
+        domain_concurrency: Optional per-domain limit on running attempts.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AZOLLA_",
+        case_sensitive=False,
+        extra="forbid",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("database_url", "DATABASE_URL", "AZOLLA_DATABASE_URL"),
+    )
+    store: Literal["postgres", "memory"] = "postgres"
+    data_dir: Path | None = None
+    allow_unsafe_db: bool = False
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    heartbeat_interval_ms: int = Field(default=2000, ge=50, le=3_600_000)
+    heartbeat_timeout_ms: int = Field(default=10_000, ge=100, le=86_400_000)
+    ping_interval_ms: int = Field(default=5000, ge=50, le=3_600_000)
+    lease_grace_seconds: float = Field(default=5.0, ge=0, le=86_400)
+    reconnect_grace_seconds: float = Field(default=10.0, ge=0, le=86_400)
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=3600)
+    max_message_mb: int = Field(default=64, ge=1, le=2047)
+    max_batch: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_payload_bytes: int = Field(default=1 << 20, ge=1024, le=256 << 20)
+    queue_limit: int = Field(default=20_000, ge=1, le=10_000_000)
+    pool_size: int = Field(default=4, ge=1, le=100)
+    outcome_cache: int = Field(default=100_000, ge=0, le=100_000_000)
+    domain_concurrency: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("host", "metrics_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a host name or IP address")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        scheme = urlsplit(value).scheme
+        if scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a PostgreSQL URL such as "
+                             "postgresql://user:password@host:5432/azolla")
+        return value
+
+    @field_validator("log_format", "log_level", "store", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("domain_concurrency")
+    @classmethod
+    def _check_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for domain, limit in value.items():
+            if limit < 1:
+                raise ValueError(f"the limit of domain {domain!r} must be at least 1")
+        return value
+
+    @model_validator(mode="after")
+    def _check_heartbeats(self) -> Settings:
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
+            raise ValueError(
+                f"heartbeat_timeout_ms ({self.heartbeat_timeout_ms}) must be larger than "
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms})")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) win over the environment, which wins over the TOML file."""
+        path = _CONFIG_FILE.get()
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+
+    # -- derived values ------------------------------------------------------------------------
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        """The embedded PostgreSQL data folder (``data_dir`` or the default)."""
+        return (self.data_dir or default_data_dir()).expanduser()
+
+    @property
+    def embedded(self) -> bool:
+        """True when the server runs its own PostgreSQL (postgres store, no URL)."""
+        return self.store == "postgres" and self.database_url is None
+
+    @property
+    def limits(self) -> SpecLimits:
+        """Bounds on submissions."""
+        return SpecLimits(max_payload_bytes=self.max_payload_bytes)
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(
+                err["input"], dict):
+            shown = repr(err["input"])
+            if where == "database_url":
+                shown = repr(redact_url(str(err["input"])))
+            message = f"{message} (got {shown[:80]})"
+        problems.append(f"{where}: {message}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, *,
+                  config_file: str | Path | None = None) -> Settings:
+    """Build the settings from flags (``overrides``), the environment and a TOML file.
+
+    Args:
+        overrides: Values given on the command line (None values are ignored).
+        config_file: A TOML file; default ``$AZOLLA_CONFIG`` if set, else no file.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        SettingsError: A value is invalid, or the file cannot be read or parsed.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config_file is None:
+        config_file = os.environ.get("AZOLLA_CONFIG") or None
+    path: Path | None = None
+    if config_file is not None:
+        path = Path(config_file).expanduser()
+        try:
+            with path.open("rb") as handle:
+                tomllib.load(handle)
+        except OSError as exc:
+            raise SettingsError(f"cannot read the config file {str(path)!r}: "
+                                f"{exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"the config file {str(path)!r} is not valid TOML: {exc}") \
+                from None
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
