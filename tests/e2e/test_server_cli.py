@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def log_events(stderr: str) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_memory_server_serves_and_exits_cleanly(servers: list[Server], signum: int) -> None:
-    server = Server("--store", "memory")
+    metrics_port = free_port()
+    server = Server("--store", "memory", "--metrics-port", str(metrics_port))
     servers.append(server)
     server.wait_serving()
     with grpc.insecure_channel(server.address) as channel:
@@ -110,6 +112,11 @@ def test_memory_server_serves_and_exits_cleanly(servers: list[Server], signum: i
         status = client.GetTaskStatus(pbo.GetTaskStatusRequest(task_id=created.task_id),
                                       timeout=10)
         assert status.state == "queued"
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert 'azolla_tasks{domain="default",state="queued"} 1.0' in text
+    assert 'azolla_queue_depth{domain="default"} 1.0' in text
+    assert "azolla_commit_seconds_bucket" in text
     code, err = server.stop(signum)
     assert code == 0, err
     events = log_events(err)

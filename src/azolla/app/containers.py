@@ -30,11 +30,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
+import grpc
+import grpc.aio
 from dependency_injector import containers, providers
 
+from azolla.adapters.grpc.auth import Principal, TokenAuthInterceptor, server_credentials
 from azolla.adapters.grpc.server import GrpcServer, GrpcServerOptions
 from azolla.adapters.memory.event_store import InMemoryEventLog, InMemoryEventStore
 from azolla.adapters.memory.taskset import TaskSet
@@ -47,6 +50,7 @@ from azolla.domain.ports import Clock, EventStore, IdFactory
 __all__ = [
     "EMBEDDED_DATABASE",
     "Container",
+    "auth_interceptors",
     "grpc_options",
     "open_database",
     "open_memory_store",
@@ -57,6 +61,7 @@ __all__ = [
     "serve_grpc",
     "serve_metrics",
     "shutdown",
+    "tls_credentials",
 ]
 
 log = logging.getLogger("azolla.server")
@@ -83,6 +88,25 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
         limits=settings.limits,
         outcome_cache=settings.outcome_cache,
     )
+
+
+def auth_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """Return the token interceptor when ``settings.auth`` has tokens, else nothing."""
+    tokens = settings.auth.tokens
+    if not tokens:
+        return []
+    return [TokenAuthInterceptor({
+        t.digest: Principal(t.name, frozenset(t.domains), frozenset(t.roles)) for t in tokens})]
+
+
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Return the server's TLS credentials, or None for plain text."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return server_credentials(
+        str(settings.tls_cert_file.expanduser()), str(settings.tls_key_file.expanduser()),
+        str(settings.tls_client_ca_file.expanduser()) if settings.tls_client_ca_file else None,
+        require_client_auth=settings.tls_require_client_auth)
 
 
 def grpc_options(settings: Settings) -> GrpcServerOptions:
@@ -199,10 +223,13 @@ async def serve_metrics(orchestrator: Orchestrator,
         metrics.close()
 
 
-async def serve_grpc(orchestrator: Orchestrator,
-                      options: GrpcServerOptions) -> AsyncIterator[GrpcServer]:
+async def serve_grpc(orchestrator: Orchestrator, options: GrpcServerOptions,
+                     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                     credentials: grpc.ServerCredentials | None = None,
+                     ) -> AsyncIterator[GrpcServer]:
     """Resource: the gRPC server, serving once started; stopped (gracefully) at the end."""
-    server = GrpcServer(orchestrator, options)
+    server = GrpcServer(orchestrator, options, interceptors=interceptors,
+                        credentials=credentials)
     await server.start()
     try:
         yield server
@@ -237,7 +264,10 @@ class Container(containers.DeclarativeContainer):
         run_orchestrator, store=event_store, taskset=taskset, clock=clock, ids=ids,
         config=config, hooks=outcome_hooks)
     metrics = providers.Resource(serve_metrics, orchestrator, settings)
-    grpc_server = providers.Resource(serve_grpc, orchestrator, server_options)
+    interceptors = providers.Singleton(auth_interceptors, settings)
+    credentials = providers.Singleton(tls_credentials, settings)
+    grpc_server = providers.Resource(serve_grpc, orchestrator, server_options,
+                                     interceptors=interceptors, credentials=credentials)
 
 
 async def resolve(provider: providers.Provider[T]) -> T:

@@ -4,6 +4,7 @@ Usage::
 
     azolla-server [--host H] [--port P] [--database-url URL] [--store postgres|memory]
                   [--config FILE] [--data-dir DIR] [--allow-unsafe-db] [--metrics-port P]
+                  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
                   [--log-format auto|console|json] [--log-level LEVEL]
 
 Settings come from the flags, then the environment (``AZOLLA_*``, ``DATABASE_URL``), then the
@@ -63,6 +64,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="start even if the database has fsync or synchronous_commit off")
     add("--metrics-port", type=int, metavar="P",
         help="serve Prometheus metrics on http://127.0.0.1:P/metrics (default: off)")
+    add("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    add("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    add("--tls-client-ca", metavar="FILE",
+        help="PEM CA of client certificates: require mutual TLS")
     add("--log-format", choices=("auto", "console", "json"),
         help="log format (default auto: console on a terminal, else JSON)")
     add("--log-level", choices=("debug", "info", "warning", "error"),
@@ -137,7 +142,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
     where = ("in memory" if store == "memory"
              else f"embedded PostgreSQL in {settings.resolved_data_dir}" if settings.embedded
              else redact_url(settings.database_url or ""))
-    log.info("azolla-server ready", address=server.address, store=store, database=where)
+    if not settings.auth.tokens and not settings.loopback_only:
+        log.warning("listening beyond this machine without authentication: anyone who can "
+                    "reach the port can submit and run tasks; configure [[auth.tokens]] (and "
+                    "TLS)", host=settings.host)
+    log.info("azolla-server ready", address=server.address, store=store, database=where,
+             tls=settings.tls, auth=bool(settings.auth.tokens))
     if on_ready is not None:
         on_ready(server)
     try:
@@ -193,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
+        "tls_require_client_auth": True if args.tls_client_ca else None,
     }
     try:
         settings = load_settings(flags, config_file=args.config)

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,8 +38,10 @@ from azolla.domain.values import SpecLimits
 
 __all__ = [
     "DEFAULT_PORT",
+    "AuthSettings",
     "Settings",
     "SettingsError",
+    "TokenSettings",
     "default_data_dir",
     "load_settings",
     "redact_url",
@@ -68,6 +78,57 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+Role = Literal["client", "shepherd", "admin"]
+
+
+class TokenSettings(BaseModel):
+    """One bearer token the server accepts (``[[auth.tokens]]`` in the TOML file).
+
+    Attributes:
+        name: A label for logs.
+        sha256: Hex SHA-256 of the token (preferred: the file then holds no secret).
+        token: The token in plain text (for development).
+        domains: Domains it may use; ``"*"`` grants every domain.
+        roles: ``client`` (ClientService), ``shepherd`` (ClusterService), ``admin``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    token: str | None = Field(default=None, min_length=16, repr=False)
+    domains: tuple[str, ...] = Field(min_length=1)
+    roles: tuple[Role, ...] = Field(default=("client",), min_length=1)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> TokenSettings:
+        if (self.sha256 is None) == (self.token is None):
+            raise ValueError(f"token {self.name!r} needs exactly one of sha256 or token")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """The hex SHA-256 the server compares presented tokens with."""
+        if self.sha256 is not None:
+            return self.sha256.lower()
+        import hashlib
+
+        assert self.token is not None
+        return hashlib.sha256(self.token.encode()).hexdigest()
+
+
+class AuthSettings(BaseModel):
+    """Authentication: with no tokens, every call is accepted (bind to loopback then).
+
+    Attributes:
+        tokens: The accepted bearer tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: tuple[TokenSettings, ...] = ()
+
+
 class Settings(BaseSettings):
     """Validated settings of ``azolla-server``.
 
@@ -99,6 +160,12 @@ class Settings(BaseSettings):
         outcome_cache: Finished tasks kept in memory for fast waits (older ones are read
             from the database).
         domain_concurrency: Optional per-domain limit on running attempts.
+        auth: Bearer tokens (``[[auth.tokens]]``); none means no authentication.
+        tls_cert_file: PEM certificate chain; with ``tls_key_file`` the server speaks TLS.
+        tls_key_file: PEM private key of ``tls_cert_file``.
+        tls_client_ca_file: PEM CA that signs client certificates (mutual TLS).
+        tls_require_client_auth: Refuse connections without a client certificate signed by
+            ``tls_client_ca_file``.
     """
 
     model_config = SettingsConfigDict(
@@ -135,6 +202,11 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=4, ge=1, le=100)
     outcome_cache: int = Field(default=100_000, ge=0, le=100_000_000)
     domain_concurrency: dict[str, int] = Field(default_factory=dict)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    tls_require_client_auth: bool = False
 
     @field_validator("host", "metrics_host")
     @classmethod
@@ -177,6 +249,25 @@ class Settings(BaseSettings):
                 f"heartbeat_interval_ms ({self.heartbeat_interval_ms})")
         return self
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_cert_file is None and (self.tls_client_ca_file is not None
+                                           or self.tls_require_client_auth):
+            raise ValueError("tls_client_ca_file and tls_require_client_auth need "
+                             "tls_cert_file and tls_key_file")
+        if self.tls_require_client_auth and self.tls_client_ca_file is None:
+            raise ValueError("tls_require_client_auth needs tls_client_ca_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"{name}: {str(path)!r} is not a readable file")
+        digests = [t.digest for t in self.auth.tokens]
+        if len(set(digests)) != len(digests):
+            raise ValueError("auth.tokens holds the same token twice")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -203,6 +294,23 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when the server runs its own PostgreSQL (postgres store, no URL)."""
         return self.store == "postgres" and self.database_url is None
+
+    @property
+    def tls(self) -> bool:
+        """True when the server speaks TLS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when ``host`` is a loopback address or ``localhost``."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     @property
     def limits(self) -> SpecLimits:

@@ -9,14 +9,17 @@ import pytest
 from dependency_injector import providers
 from prometheus_client import generate_latest
 
+from azolla.adapters.grpc.auth import TokenAuthInterceptor
 from azolla.adapters.memory.event_store import InMemoryEventStore
 from azolla.adapters.memory.transport import InProcessShepherd
 from azolla.app.containers import (
     Container,
+    auth_interceptors,
     grpc_options,
     orchestrator_config,
     resolve,
     shutdown,
+    tls_credentials,
 )
 from azolla.app.metrics import OrchestratorMetrics
 from azolla.app.model import SubmitRequest, TaskOutcome
@@ -130,3 +133,22 @@ def test_settings_translate_to_component_options() -> None:
     assert config.limits.max_payload_bytes == 2048
     options = grpc_options(settings)
     assert (options.host, options.port, options.max_message_bytes) == ("::1", 1234, 8 << 20)
+
+
+def test_auth_and_tls_are_off_by_default() -> None:
+    settings = Settings()
+    assert auth_interceptors(settings) == []
+    assert tls_credentials(settings) is None
+
+
+def test_tokens_become_an_interceptor() -> None:
+    settings = Settings.model_validate({"auth": {"tokens": [
+        {"name": "ops", "token": "a-long-development-token", "domains": ["*"],
+         "roles": ["client", "admin"]}]}})
+    [interceptor] = auth_interceptors(settings)
+    assert isinstance(interceptor, TokenAuthInterceptor)
+    principal = interceptor.authenticate([("authorization", "Bearer a-long-development-token")])
+    assert principal is not None
+    assert principal.name == "ops"
+    assert principal.roles == frozenset({"client", "admin"})
+    assert interceptor.authenticate([("authorization", "Bearer wrong")]) is None

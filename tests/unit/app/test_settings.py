@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -160,3 +161,75 @@ def test_cli_errors_exit_2_with_one_line(argv: list[str], fragment: str,
     assert fragment in err
     assert err.count("\n") == 1
     assert err.startswith("azolla-server: error:")
+
+
+# -- authentication and TLS --------------------------------------------------------------------
+
+
+def test_tokens_from_the_file(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    path = write(tmp_path, f"""
+[[auth.tokens]]
+name = "billing-app"
+sha256 = "{digest.upper()}"
+domains = ["billing"]
+roles = ["client"]
+
+[[auth.tokens]]
+name = "dev"
+token = "a-long-development-token"
+domains = ["*"]
+roles = ["client", "shepherd", "admin"]
+""")
+    tokens = load_settings(config_file=path).auth.tokens
+    assert [t.name for t in tokens] == ["billing-app", "dev"]
+    assert tokens[0].digest == digest
+    assert tokens[1].digest == hashlib.sha256(b"a-long-development-token").hexdigest()
+    assert tokens[1].roles == ("client", "shepherd", "admin")
+    assert "a-long-development-token" not in repr(tokens[1])
+
+
+@pytest.mark.parametrize(
+    ("table", "fragment"),
+    [
+        ('name = "x"\ndomains = ["*"]', "exactly one of sha256 or token"),
+        ('name = "x"\ndomains = ["*"]\ntoken = "a-long-development-token"\nsha256 = "' + "a" * 64
+         + '"', "exactly one of sha256 or token"),
+        ('name = "x"\ndomains = ["*"]\nsha256 = "xyz"', "sha256"),
+        ('name = "x"\ndomains = ["*"]\ntoken = "short"', "token"),
+        ('name = "x"\ndomains = []\ntoken = "a-long-development-token"', "domains"),
+        ('name = "x"\ndomains = ["*"]\ntoken = "a-long-development-token"\nroles = ["root"]',
+         "roles"),
+    ],
+)
+def test_bad_tokens(tmp_path: Path, table: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(config_file=write(tmp_path, f"[[auth.tokens]]\n{table}\n"))
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_same_token_twice_is_refused(tmp_path: Path) -> None:
+    entry = '[[auth.tokens]]\nname = "{}"\ndomains = ["*"]\ntoken = "a-long-development-token"\n'
+    with pytest.raises(SettingsError, match="same token twice"):
+        load_settings(config_file=write(tmp_path, entry.format("a") + entry.format("b")))
+
+
+def test_tls_files_go_together(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(SettingsError, match="go together"):
+        load_settings({"tls_cert_file": cert})
+    with pytest.raises(SettingsError, match="not a readable file"):
+        load_settings({"tls_cert_file": cert, "tls_key_file": tmp_path / "missing.pem"})
+    with pytest.raises(SettingsError, match="need"):
+        load_settings({"tls_client_ca_file": cert})
+    settings = load_settings({"tls_cert_file": cert, "tls_key_file": cert})
+    assert settings.tls
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("::1", True),
+                                                ("localhost", True), ("0.0.0.0", False),
+                                                ("example.org", False)])
+def test_loopback_detection(host: str, loopback: bool) -> None:
+    assert load_settings({"host": host}).loopback_only is loopback

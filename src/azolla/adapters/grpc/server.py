@@ -103,11 +103,15 @@ class GrpcServer:
     Args:
         orchestrator: A started orchestrator.
         options: Listening address and tunables.
-        interceptors: Extra ``grpc.aio.ServerInterceptor`` objects (e.g. authentication).
+        interceptors: Extra ``grpc.aio.ServerInterceptor`` objects (e.g. authentication,
+            :class:`~azolla.adapters.grpc.auth.TokenAuthInterceptor`).
+        credentials: TLS credentials (see :func:`~azolla.adapters.grpc.auth.server_credentials`);
+            None serves plain text.
     """
 
     def __init__(self, orchestrator: Orchestrator, options: GrpcServerOptions | None = None,
-                 *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> None:
         self.orchestrator = orchestrator
         self.options = options or GrpcServerOptions()
         self.client_service = ClientService(orchestrator, max_batch=self.options.max_batch)
@@ -118,6 +122,7 @@ class GrpcServer:
         self.admin_service = AdminService(orchestrator)
         self.health = health.aio.HealthServicer()
         self._interceptors = list(interceptors)
+        self._credentials = credentials
         self._server: grpc.aio.Server | None = None
         self._port = 0
 
@@ -166,7 +171,10 @@ class GrpcServer:
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = _address(opts.host, opts.port)
         try:
-            port = server.add_insecure_port(address)
+            if self._credentials is not None:
+                port = server.add_secure_port(address, self._credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -179,7 +187,8 @@ class GrpcServer:
         await self.health.set("", serving)
         for name in SERVICE_NAMES:
             await self.health.set(name, serving)
-        log.info("gRPC server listening on %s", self.address)
+        log.info("gRPC server listening on %s (%s)", self.address,
+                 "TLS" if self._credentials is not None else "plain text")
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving (see the module docstring); safe to call twice.
