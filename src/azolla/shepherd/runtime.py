@@ -39,14 +39,18 @@ reached the orchestrator, and the Hello/HelloAck exchange tells which ones it st
 Reconnection uses exponential backoff with jitter, capped at ``reconnect_max_delay``, forever
 until :meth:`ShepherdRuntime.stop`.
 
-**Drain.** :meth:`ShepherdRuntime.stop` stops taking work and waits up to ``drain_timeout``
-for running attempts to end. Their outcomes are held until the last one ends and then sent in
-one final batch, after which the shepherd half-closes the stream: reporting earlier would free
-slots that the orchestrator would fill with new work the shepherd is about to abandon.
-Attempts still running at the drain timeout are stopped and *not* reported; closing the stream
-makes the orchestrator record them as lost (retried as ``InfrastructureError``). Attempts that
-were pushed but never started (only possible when the orchestrator overcommits) are dropped
-the same way.
+**Drain.** :meth:`ShepherdRuntime.stop` sends a ``Status`` with no free capacity at once and
+waits up to ``drain_timeout`` for the attempts it holds to end. The wire contract has no way
+yet to tell the orchestrator "no more work" (``Status`` is liveness only; the orchestrator
+counts slots itself), so the shepherd protects its tasks in two ways: outcomes are *held*
+until the last attempt ends and then sent in one final batch before the half-close
+(reporting earlier would free slots that the orchestrator would refill with work the
+shepherd is leaving), and attempts the orchestrator still assigns during the drain (into
+slots that were free when it began) are run rather than refused (a refused attempt would be
+recorded as lost and cost the task one of its attempts). Attempts still running at the drain
+timeout are stopped and *not* reported: closing the stream makes the orchestrator record
+them as lost and retry them (``InfrastructureError``). When the wire contract gains
+``Status.draining``, the shepherd sets it and reports outcomes as they come.
 """
 
 from __future__ import annotations
@@ -87,6 +91,11 @@ SHEPHERD_ERROR = "ShepherdError"
 #: Error type reported instead of a result too large to send.
 RESULT_TOO_LARGE = "ResultTooLarge"
 
+# A ``Status`` field by which a shepherd tells the orchestrator it takes no more work. The wire
+# contract does not have it yet; when it does, draining shepherds use it (see ``_stop``).
+_DRAIN_FIELD = "draining"
+_WIRE_HAS_DRAIN_SIGNAL = _DRAIN_FIELD in opb.Status.DESCRIPTOR.fields_by_name
+
 
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
@@ -115,6 +124,9 @@ class RuntimeConfig:
         kill_grace: After the drain timeout, how long stopped attempts get to end.
         close_timeout: After the final half-close, how long to wait for the orchestrator to
             end the stream.
+        server_silence_timeout: Once the orchestrator has shown that it pings (every 5 s by
+            default), a stream on which nothing arrives for this long is considered dead
+            (a half-open TCP connection after a partition) and replaced.
     """
 
     domain: str = "default"
@@ -134,6 +146,7 @@ class RuntimeConfig:
     delivery_timeout: float = 15.0
     kill_grace: float = 10.0
     close_timeout: float = 5.0
+    server_silence_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -264,8 +277,13 @@ class ShepherdRuntime:
         self._retry_now = asyncio.Event()
         self._modern: bool | None = None
         self._heartbeat_interval = self.config.default_heartbeat_interval
+        self._last_received = 0.0
+        self._failures_in_row = 0
+        self._server_pings = False
         self._draining = False
         self._final = False
+        self._status_now = False
+        self._drain_signal = _WIRE_HAS_DRAIN_SIGNAL
         self._main: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -338,12 +356,10 @@ class ShepherdRuntime:
 
     async def _stop(self) -> None:
         self._draining = True
+        self._status_now = True
         self.state = RuntimeState.DRAINING
-        if self._queued:
-            log.info("draining: %d attempts that never started are left to the orchestrator",
-                     len(self._queued))
-            self._queued.clear()
-        log.info("draining: %d attempts running", len(self._running))
+        log.info("draining: %d attempts running, %d waiting for a slot", len(self._running),
+                 len(self._queued))
         self._wake.set()
         loop = asyncio.get_running_loop()
         while not self._idle.is_set():
@@ -353,6 +369,10 @@ class ShepherdRuntime:
                 break
             self._deadline_changed.clear()
             await _wait_any((self._idle, self._deadline_changed), remaining)
+        if self._queued:
+            log.warning("drain timeout: %d attempts never started (the orchestrator will retry "
+                        "them)", len(self._queued))
+            self._queued.clear()
         if self._running:
             log.warning("drain timeout: stopping %d attempts still running (the orchestrator "
                         "will retry them)", len(self._running))
@@ -416,7 +436,8 @@ class ShepherdRuntime:
 
     def _log_lost(self, exc: ConnectionLost) -> None:
         self.stats["connect_failures"] += 1
-        if self.stats["connect_failures"] <= 3 or self.stats["connect_failures"] % 20 == 0:
+        self._failures_in_row += 1
+        if self._failures_in_row <= 3 or self._failures_in_row % 20 == 0:
             log.warning("orchestrator %s unreachable or stream lost (%s); retrying",
                         self.connector.description, exc)
         else:
@@ -426,6 +447,8 @@ class ShepherdRuntime:
         """Run one stream until it ends. Returns True if the Hello was answered."""
         self._modern = None
         self._hello_acked.clear()
+        self._last_received = time.monotonic()
+        self._server_pings = False
         hello = opb.Hello(
             shepherd_uuid=self.shepherd_id, max_concurrency=self.config.concurrency,
             domain=self.config.domain, shepherd_group=self.config.group,
@@ -481,6 +504,7 @@ class ShepherdRuntime:
             if message is None:
                 log.info("the orchestrator ended the stream")
                 return
+            self._last_received = time.monotonic()
             kind = message.WhichOneof("kind")
             if kind == "hello_ack":
                 self._on_hello_ack(message.hello_ack)
@@ -495,6 +519,8 @@ class ShepherdRuntime:
             elif kind == "task":
                 self.stats["task_messages"] += 1
                 self._admit([request_from_task(message.task, self.config.domain)])
+            elif kind == "ping":
+                self._server_pings = True
             elif kind == "cancel":
                 self.stats["cancels_received"] += 1
                 cancel = message.cancel
@@ -514,6 +540,7 @@ class ShepherdRuntime:
                      dropped)
         self._modern = True
         self._handshake_done()
+        self._failures_in_row = 0
 
     def _handshake_done(self) -> None:
         self._hello_acked.set()
@@ -534,9 +561,13 @@ class ShepherdRuntime:
             key = (request.task_id, request.attempt)
             if key in self._running or key in self._queued or key in self._outbox:
                 continue  # a duplicate push
-            if self._draining:
-                log.info("draining: not starting %s attempt %d", *key)
+            if self._final:
+                # Too late: the drain is over. Closing the stream makes the orchestrator
+                # record the attempt as lost and retry it.
+                log.info("stopping: not starting %s attempt %d", *key)
                 continue
+            # While draining, attempts the orchestrator still assigns (it fills the slots it
+            # believes free) are run too: refusing them would cost the task an attempt.
             if len(self._running) < self.config.concurrency:
                 self._start(request, loop_time)
             else:
@@ -558,7 +589,7 @@ class ShepherdRuntime:
     def _start_queued(self) -> None:
         now = time.monotonic()
         while self._queued and len(self._running) < self.config.concurrency \
-                and not self._draining:
+                and not self._final:
             _, request = self._queued.popitem(last=False)
             self._start(request, now)
 
@@ -579,7 +610,7 @@ class ShepherdRuntime:
             if self._running.get(attempt.key) is attempt:
                 del self._running[attempt.key]
             self._start_queued()
-            if not self._running:
+            if not self._running and not self._queued:
                 self._idle.set()
         if attempt.discard:
             self.stats["results_discarded"] += 1
@@ -655,7 +686,14 @@ class ShepherdRuntime:
             self._wake.clear()
             now = time.monotonic()
             messages: list[opb.ClientMsg] = []
-            if self._outbox and (not self._draining or self._final):
+            if self._status_now or now - last_status >= self._heartbeat_interval:
+                # First, so a drain signal reaches the orchestrator before the results that
+                # free slots.
+                self._status_now = False
+                last_status = now
+                messages.append(opb.ClientMsg(status=self._status()))
+                self.stats["status_sent"] += 1
+            if self._outbox and (not self._draining or self._final or self._drain_signal):
                 messages.extend(self._result_messages(now))
             acks = self._due_acks(now)
             if acks:
@@ -666,13 +704,13 @@ class ShepherdRuntime:
                 else:
                     self.stats["ack_messages"] += len(acks)
                     messages.extend(opb.ClientMsg(ack=ack) for ack in acks)
-            if now - last_status >= self._heartbeat_interval:
-                last_status = now
-                messages.append(opb.ClientMsg(status=self._status()))
-                self.stats["status_sent"] += 1
             for message in messages:
                 await link.send(message)
             self.stats["messages_sent"] += len(messages)
+            silence = now - self._last_received
+            if self._server_pings and silence > self.config.server_silence_timeout:
+                raise ConnectionLost(f"nothing received from the orchestrator for "
+                                     f"{silence:.0f} s", "DEADLINE_EXCEEDED")
             self._prune_sent(now)
             if self._final and not self._outbox and not self._running:
                 await link.finish()
@@ -726,7 +764,10 @@ class ShepherdRuntime:
     def _status(self) -> opb.Status:
         load = len(self._running)
         free = 0 if self._draining else max(self.config.concurrency - load - len(self._queued), 0)
-        return opb.Status(current_load=load, available_capacity=free)
+        status = opb.Status(current_load=load, available_capacity=free)
+        if self._draining and self._drain_signal:
+            setattr(status, _DRAIN_FIELD, True)
+        return status
 
     def _prune_sent(self, now: float) -> None:
         cutoff = now - self.config.redeliver_window

@@ -17,6 +17,10 @@ its shepherds); unknown keys are errors, so a typo does not silently fall back t
 | ``ca_file`` | ``AZOLLA_CA_FILE`` | none (system roots) |
 | ``token`` / ``token_file`` | ``AZOLLA_TOKEN`` / ``AZOLLA_TOKEN_FILE`` | none |
 | ``drain_timeout`` | ``AZOLLA_DRAIN_TIMEOUT`` | 30 s |
+| ``task_timeout`` | ``AZOLLA_TASK_TIMEOUT`` | none |
+| ``memory_limit`` | ``AZOLLA_MEMORY_LIMIT`` (``512M``, ``2G``) | none |
+
+See ``docs/shepherd.md`` for every setting.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = [
     "ShepherdSettings",
     "default_concurrency",
     "load_settings",
+    "parse_size",
 ]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -97,6 +102,15 @@ class ShepherdSettings(BaseSettings):
         ack_delay: Attempts still running this long after they started are acknowledged to
             the orchestrator (seconds); shorter attempts only report their outcome.
         max_buffered_results: Most outcomes kept for delivery while disconnected.
+        task_timeout: Per-attempt timeout (seconds) for tasks submitted without one.
+        memory_limit: Address-space limit of each worker process in bytes (suffixes ``K``,
+            ``M``, ``G`` accepted: ``"512M"``); a task's own memory limit can only lower it.
+        cpu_limit: CPU seconds each attempt may use.
+        open_files: Open-file limit of each worker process.
+        kill_grace: Seconds between SIGTERM and SIGKILL when an attempt is stopped.
+        max_attempts_per_worker: In pool mode, replace a worker after this many attempts.
+        allow_env: Environment variables passed to workers although the clean-environment
+            rule would drop them (comma separated in ``AZOLLA_ALLOW_ENV``).
         log_level: Logging level name.
     """
 
@@ -121,9 +135,23 @@ class ShepherdSettings(BaseSettings):
     reconnect_max_delay: float = Field(default=5.0, gt=0.0, le=3600.0)
     ack_delay: float = Field(default=0.05, ge=0.0, le=60.0)
     max_buffered_results: int = Field(default=100_000, ge=1)
+    task_timeout: float | None = Field(default=None, gt=0.0)
+    memory_limit: int | None = Field(default=None, gt=0)
+    cpu_limit: int | None = Field(default=None, ge=1)
+    open_files: int | None = Field(default=1024, ge=16)
+    kill_grace: float = Field(default=2.0, ge=0.0, le=600.0)
+    max_attempts_per_worker: int | None = Field(default=None, ge=1)
+    allow_env: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "INFO"
 
-    @field_validator("tasks", mode="before")
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_size(value)
+        return value
+
+    @field_validator("tasks", "allow_env", mode="before")
     @classmethod
     def _split_tasks(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -201,16 +229,48 @@ class ShepherdSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Explicit values, then the environment, then the TOML file (no dotenv, no secrets dir)."""
-        file_values = _FILE_VALUES.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        file_values, use_environment = _LOAD_CONTEXT.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if use_environment:
+            sources.append(env_settings)
         if file_values:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=file_values))
         return tuple(sources)
 
 
-# The TOML values of the load in progress (pydantic-settings builds sources from the class).
-_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("azolla_shepherd_file_values",
-                                                             default=None)
+# The TOML values of the load in progress and whether to read the environment
+# (pydantic-settings builds its sources from the class, not the call).
+_LOAD_CONTEXT: ContextVar[tuple[dict[str, Any] | None, bool]] = ContextVar(
+    "azolla_shepherd_load_context", default=(None, True))
+
+
+def parse_size(text: str) -> int | None:
+    """Parse a byte size: ``"1048576"``, ``"512K"``, ``"512M"``, ``"2G"`` (powers of 1024).
+
+    Args:
+        text: The size; empty or ``"none"`` means no limit.
+
+    Returns:
+        Bytes, or None.
+
+    Raises:
+        ValueError: The text is not a size.
+    """
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    if value in ("", "NONE", "0"):
+        return None
+    factor = 1
+    for suffix, size in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
+        if value.endswith(suffix):
+            value, factor = value[:-1], size
+            break
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 536870912, 512M or 2G)") from None
+    if number <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return int(number * factor)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -241,12 +301,17 @@ def _one_line(exc: ValidationError) -> str:
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     config_file: Path | str | None = None,
+    *,
+    use_environment: bool = True,
 ) -> ShepherdSettings:
     """Build the settings from explicit values, the environment and a TOML file.
 
     Args:
         overrides: Explicit values (e.g. command-line flags); None values are ignored.
-        config_file: TOML file; when None, ``AZOLLA_CONFIG`` names it if set.
+        config_file: TOML file; when None (and ``use_environment``), ``AZOLLA_CONFIG`` names
+            it if set.
+        use_environment: Read ``AZOLLA_*`` variables (False: explicit values and defaults
+            only, as :class:`azolla.Worker` does).
 
     Returns:
         The validated settings.
@@ -255,13 +320,13 @@ def load_settings(
         SettingsError: A one-line description of every invalid setting.
     """
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if config_file is None:
+    if config_file is None and use_environment:
         config_file = os.environ.get("AZOLLA_CONFIG") or None
     file_values = _read_toml(Path(config_file)) if config_file is not None else {}
-    token = _FILE_VALUES.set(file_values)
+    token = _LOAD_CONTEXT.set((file_values, use_environment))
     try:
         return ShepherdSettings(**values)
     except ValidationError as exc:
         raise SettingsError(_one_line(exc)) from None
     finally:
-        _FILE_VALUES.reset(token)
+        _LOAD_CONTEXT.reset(token)

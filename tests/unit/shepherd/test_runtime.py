@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from azolla.adapters.grpc.pb import orchestrator_pb2 as opb
 from azolla.shepherd.runtime import Backoff, RuntimeConfig, RuntimeState, ShepherdRuntime
 
-from ._fakes import FakeConnector, ScriptedExecutor, task
+from ._fakes import FakeConnector, FakeLink, ScriptedExecutor, task
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -229,21 +229,47 @@ async def test_drain_finishes_running_attempts_then_half_closes(
     await executor.wait_started("a")
     await executor.wait_started("b")
     stopping = asyncio.create_task(rt.stop(drain_timeout=10))
-    await asyncio.sleep(0.05)
+    status = await link.next_message("status")  # sent at once: no free slots any more
+    assert status.status.available_capacity == 0
     assert rt.draining
-    link.push_tasks(task("late", "ok"))  # pushed during the drain: not started
+    # Assigned by an orchestrator that did not know yet: run, so the task keeps its attempt.
+    link.push_tasks(task("late", "ok", args=[1]))
+    await executor.wait_started("late")
     executor.release("a")
     await asyncio.sleep(0.1)
-    assert link.of_kind("task_results") == []  # held until the last attempt ends
+    assert link.all_results() == []  # held until the last attempt ends: no slot frees early
     executor.release("b")
-    results = await link.results(2)
-    assert {r.task_id for r in results} == {"a", "b"}
+    results = await link.results(3)
+    assert {r.task_id for r in results} == {"a", "b", "late"}
+    assert len(link.of_kind("task_results")) == 1
     await asyncio.wait_for(link.finished.wait(), 5)
-    link.end()
     await asyncio.wait_for(stopping, 10)
-    assert ("late", 1) not in executor.started
     assert executor.closed
     assert rt.state is RuntimeState.STOPPED
+
+
+async def test_tasks_pushed_after_the_drain_ended_are_not_started(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("a", "ok", args=[1]))
+    await link.results(1)
+    link.finish = _no_auto_end(link)  # type: ignore[method-assign,assignment]
+    stopping = asyncio.create_task(rt.stop(drain_timeout=5))
+    await asyncio.wait_for(link.finished.wait(), 5)
+    link.push_tasks(task("too-late", "ok"))  # crossed the half-close
+    link.end()
+    await asyncio.wait_for(stopping, 10)
+    assert ("too-late", 1) not in executor.started
+
+
+def _no_auto_end(link: FakeLink) -> Callable[[], Awaitable[None]]:
+    async def finish() -> None:
+        link.finished.set()
+
+    return finish
 
 
 async def test_drain_timeout_stops_attempts_without_reporting_them(
@@ -416,3 +442,31 @@ def test_result_payload_is_json_text() -> None:
                                                error_message="m", retriable=False))
     assert (bad.error.type, bad.error.message, bad.error.data, bad.error.retriable) == (
         "E", "m", "{}", False)
+
+
+async def test_a_silent_orchestrator_that_used_to_ping_is_replaced(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config(server_silence_timeout=0.2))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack(interval_ms=50)
+        link.push(opb.ServerMsg(ping=opb.Ping(timestamp=1)))
+        _, hello = await connector.accept(timeout=5)  # then silence: a new stream is opened
+        assert hello.shepherd_uuid == rt.shepherd_id
+    finally:
+        await rt.stop(0)
+
+
+async def test_an_orchestrator_that_never_pings_is_not_timed_out(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config(server_silence_timeout=0.1))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack(interval_ms=20)
+        await link.next_message("status")
+        await asyncio.sleep(0.3)
+        assert len(connector.all_links) == 1
+    finally:
+        await rt.stop(0)
