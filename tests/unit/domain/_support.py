@@ -93,16 +93,20 @@ class Log:
 
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
+        self._streams: dict[UUID, list[StoredEvent]] = {}
 
     def save(self, aggregate: Aggregate) -> list[NewEvent]:
         """Collect and store the aggregate's pending events; return them."""
         new = encode_pending(aggregate)
-        self.events.extend(store(new, start=len(self.events) + 1))
+        stored = store(new, start=len(self.events) + 1)
+        self.events.extend(stored)
+        for event in stored:
+            self._streams.setdefault(event.stream_id, []).append(event)
         return new
 
     def stream(self, stream_id: UUID) -> list[StoredEvent]:
         """The stored events of one stream, in order."""
-        return [e for e in self.events if e.stream_id == stream_id]
+        return list(self._streams.get(stream_id, ()))
 
     def rebuild(self, stream_id: UUID) -> Aggregate | None:
         """Fold one stream."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from azolla.domain import Attempt, AttemptNotRunning, AttemptState, ErrorInfo, InvalidTransition
@@ -56,6 +58,7 @@ def test_mark_running_once() -> None:
     attempt = make_attempt()
     attempt.collect_events()
     assert attempt.mark_running(T0 + 1) is True
+    assert attempt.modified_on == datetime.fromtimestamp(T0 + 1, tz=UTC)
     assert attempt.state is AttemptState.RUNNING
     assert attempt.mark_running(T0 + 2) is False
     (event,) = attempt.collect_events()
@@ -91,7 +94,7 @@ def test_an_ended_attempt_cannot_end_again_or_run(outcome: AttemptState) -> None
             AttemptNotRunning, match=rf"^attempt 2 has already ended \({outcome}\)$"
         ):
             attempt.end(again, T0 + 2, ErrorInfo("X"))
-    with pytest.raises(AttemptNotRunning):
+    with pytest.raises(AttemptNotRunning, match=r"^attempt 2 has already ended"):
         attempt.mark_running(T0 + 2)
     assert attempt.state is outcome
     assert attempt.ended_at == T0 + 1

@@ -22,6 +22,7 @@ from azolla.domain import (
     Shepherd,
     Task,
     WaitKind,
+    events,
 )
 from azolla.domain.events import (
     EVENT_CLASSES,
@@ -243,6 +244,22 @@ def test_encode_pending_clears_the_pending_list() -> None:
         assert first
         assert [e.version for e in first] == list(range(1, len(first) + 1))
         assert encode_pending(aggregate) == []
+
+
+def test_encode_pending_locates_events_like_the_golden_table() -> None:
+    encoded = [new for aggregate in build_aggregates() for new in encode_pending(aggregate)]
+    assert [(e.type, e.stream_id, e.version, e.domain, e.partition_day, e.terminal)
+            for e in encoded] == [row[:6] for row in GOLDEN]
+    assert [canonical(json.loads(e.payload)) for e in encoded] == [
+        canonical(row[6]) for row in GOLDEN
+    ]
+
+
+def test_event_registry_is_built_from_the_aggregates(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert events._event_classes() == EVENT_CLASSES
+    monkeypatch.setattr(events, "_AGGREGATES", (Task, Shepherd, Task))
+    with pytest.raises(RuntimeError, match=r"^duplicate event type TaskSubmitted\.v1$"):
+        events._event_classes()
 
 
 @pytest.mark.parametrize("index", range(5))

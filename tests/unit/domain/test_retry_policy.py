@@ -92,6 +92,7 @@ def test_policy_is_frozen() -> None:
         ({"wait": "linear"}, "wait: Input should be 'fixed', 'exponential' or"),
         ({"max_tries": 3}, "max_tries: Extra inputs are not permitted"),
         ({"include_errors": "ValueError"}, "include_errors: Input should be a valid tuple"),
+        ({"exclude_errors": ["A", 3]}, "exclude_errors.1: Input should be a valid string"),
         ({"max_attempts": None}, "policy: Value error, a policy without max_attempts needs"),
     ],
 )
@@ -294,8 +295,11 @@ def test_delay_stays_inside_the_policy_bounds(
     if wait is WaitKind.FIXED:
         assert delay == initial
         return
-    exponential = initial * math.exp(min((attempt - 1) * math.log(multiplier), 700.0))
-    bound = min(cap, exponential)
+    if initial == 0:
+        bound = 0.0
+    else:  # initial * multiplier ** (attempt - 1), computed in log space so it cannot overflow
+        log_exponential = math.log(initial) + (attempt - 1) * math.log(multiplier)
+        bound = cap if log_exponential > 700 else min(cap, math.exp(log_exponential))
     assert 0.0 <= delay <= bound * (1 + 1e-9)
     if wait is WaitKind.EXPONENTIAL:
         assert delay == pytest.approx(bound, rel=1e-9)

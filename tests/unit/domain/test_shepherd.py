@@ -31,6 +31,13 @@ def test_register() -> None:
     assert isinstance(event, Shepherd.Registered)
 
 
+def test_a_single_slot_is_enough() -> None:
+    shepherd = Shepherd.register(shepherd_uuid="x", domain="d", group="g", capacity=1,
+                                 software_version="1", now=T0)
+    shepherd.connect(1, "1", T0)
+    assert shepherd.free_slots == 1
+
+
 @pytest.mark.parametrize("capacity", [0, -2])
 def test_register_needs_capacity(capacity: int) -> None:
     with pytest.raises(

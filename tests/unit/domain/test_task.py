@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from uuid import UUID
 
 import pytest
@@ -25,6 +26,11 @@ from ._support import T0, TASK_ID, make_task, public_state, running_task, store
 
 ERROR = ErrorInfo("ValueError", "boom", {"line": 3}, retriable=True)
 FIXED_2S = RetryPolicy(max_attempts=3, wait=WaitKind.FIXED, initial_delay=2)
+
+
+def at(now: float) -> datetime:
+    """The event time recorded for a command run at ``now``."""
+    return datetime.fromtimestamp(now, tz=UTC)
 
 
 def pending_types(task: Task) -> list[str]:
@@ -79,6 +85,8 @@ def test_submit_defaults() -> None:
 def test_not_before_in_the_past_means_ready_now() -> None:
     assert make_task(not_before=T0 - 100).ready_at == T0
     assert make_task(not_before=0.0).ready_at == T0
+    early = make_task(now=0.25)
+    assert early.submitted_at == early.ready_at == 0.25
 
 
 @pytest.mark.parametrize("now", [T0 + 0.0000006, 1_000.0000004, 1_234.5678905, T0 + 0.9999996])
@@ -96,6 +104,7 @@ def test_start_attempt() -> None:
     task = make_task()
     task.collect_events()
     assert task.start_attempt("shep-a", T0 + 1) == 1
+    assert task.modified_on == at(T0 + 1)
     assert task.state is TaskState.RUNNING
     assert task.attempts == 1
     assert task.current_attempt == 1
@@ -161,6 +170,7 @@ def test_succeed() -> None:
     task = running_task()
     task.collect_events()
     task.succeed(1, '{"v":1}', T0 + 2)
+    assert task.modified_on == at(T0 + 2)
     assert task.state is TaskState.SUCCEEDED
     assert task.result == '{"v":1}'
     assert task.current_attempt is None
@@ -241,6 +251,7 @@ def test_failure_with_attempts_left_schedules_a_retry() -> None:
     task = running_task(policy=FIXED_2S)
     task.collect_events()
     assert task.fail(1, ERROR, T0 + 5, 0.3) is True
+    assert task.modified_on == at(T0 + 5)
     assert task.state is TaskState.RETRY_WAIT
     assert task.current_attempt is None
     assert task.attempts == 1
@@ -268,6 +279,7 @@ def test_failure_of_the_last_attempt_fails_the_task() -> None:
     task = running_task(policy=RetryPolicy(max_attempts=1))
     task.collect_events()
     assert task.fail(1, ERROR, T0 + 1, 0.5) is False
+    assert task.modified_on == at(T0 + 1)
     assert task.state is TaskState.FAILED
     assert task.error == ERROR
     assert task.current_attempt is None
@@ -334,6 +346,7 @@ def test_lost_attempt_retries_at_once_whatever_the_filters() -> None:
     task = running_task(policy=policy)
     task.collect_events()
     assert task.lose(1, "shepherd s1 disconnected", T0 + 4) is True
+    assert task.modified_on == at(T0 + 4)
     assert task.state is TaskState.RETRY_WAIT
     assert task.ready_at == T0 + 4
     assert task.current_attempt is None
@@ -351,8 +364,10 @@ def test_lost_last_attempt_fails_the_task() -> None:
     task = running_task(policy=RetryPolicy(max_attempts=1))
     task.collect_events()
     assert task.lose(1, "lease expired", T0 + 1) is False
+    assert task.modified_on == at(T0 + 1)
     assert task.state is TaskState.FAILED
     assert task.error == ErrorInfo(INFRASTRUCTURE_ERROR, "lease expired", {}, True)
+    assert task.error.retriable
     (event,) = task.collect_events()
     assert isinstance(event, Task.Failed)
     assert (event.outcome, event.reason, event.attempt) == ("lost", "all 1 attempts used", 1)
@@ -389,6 +404,7 @@ def test_cancel_queued() -> None:
     assert task.cancel("user asked", T0 + 1) is None
     assert task.state is TaskState.CANCELLED
     assert task.is_terminal
+    assert task.modified_on == at(T0 + 1)
     (event,) = task.collect_events()
     assert isinstance(event, Task.Cancelled)
     assert (event.attempt, event.reason) == (None, "user asked")
@@ -396,9 +412,14 @@ def test_cancel_queued() -> None:
 
 def test_cancel_running_returns_the_attempt_to_stop() -> None:
     task = running_task()
+    task.collect_events()
     assert task.cancel("user asked", T0 + 1) == 1
     assert task.state is TaskState.CANCELLED
     assert task.current_attempt is None
+    assert task.modified_on == at(T0 + 1)
+    (event,) = task.collect_events()
+    assert isinstance(event, Task.Cancelled)
+    assert (event.attempt, event.reason) == (1, "user asked")
     with pytest.raises(TaskAlreadyTerminal):
         task.succeed(1, "late", T0 + 2)
 

@@ -166,6 +166,25 @@ def test_nesting_counts_the_deepest_branch_not_the_total() -> None:
     assert check_json_array(text, "args", limits) == text
 
 
+def test_nesting_keeps_counting_after_a_branch_closes() -> None:
+    text = "[[[1],[[2]]]]"  # depths 1 2 3 2 3 4: the deepest branch comes second
+    assert check_json_array(text, "args", SpecLimits(max_nesting=4)) == text
+    with pytest.raises(InvalidTaskSpec, match=r"^args nests deeper than 3 levels$"):
+        check_json_array(text, "args", SpecLimits(max_nesting=3))
+
+
+def test_objects_alone_are_depth_checked() -> None:
+    text = '{"a":{"b":{"c":{}}}}'
+    assert check_json_object(text, "kwargs", SpecLimits(max_nesting=4)) == text
+    with pytest.raises(InvalidTaskSpec, match=r"^kwargs nests deeper than 3 levels$"):
+        check_json_object(text, "kwargs", SpecLimits(max_nesting=3))
+
+
+def test_garbage_is_reported_as_invalid_json_not_as_nesting() -> None:
+    with pytest.raises(InvalidTaskSpec, match=r"^args is not valid JSON"):
+        check_json_array("[XXXXXX]", "args", SpecLimits(max_nesting=2))
+
+
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     text = '["[[[[", "{{{{", "\\"[[[[", "\\\\", "]]]]"]'
     assert json.loads(text)  # sanity: valid JSON
