@@ -25,6 +25,22 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def children(pid: int) -> list[int]:
+    """Direct child process ids of ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The runner's environment without Azolla settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
@@ -79,11 +95,11 @@ class ServerProc(Proc):
     """``azolla-server`` on a free port."""
 
     def __init__(self, database_url: str | None = None, *, port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         store = ["--database-url", database_url] if database_url else ["--store", "memory"]
         argv = [str(BIN / "azolla-server"), "--port", str(self.port), *store, *extra]
-        super().__init__(argv, clean_env(), "server")
+        super().__init__(argv, clean_env(**(env or {})), "server")
 
     @property
     def address(self) -> str:
