@@ -108,7 +108,7 @@ class RuntimeConfig:
         version: Software version announced in the Hello.
         ack_delay: Attempts still running this long after their start are acknowledged.
         drain_timeout: Default time running attempts get to finish on :meth:`stop`.
-        reconnect_initial_delay: First reconnection delay (doubles up to the cap).
+        reconnect_initial_delay: First reconnection delay (grows 1.6-fold up to the cap).
         reconnect_max_delay: Cap of the reconnection delay.
         max_buffered_results: Most undelivered outcomes kept; beyond it the oldest are dropped
             (the orchestrator then retries those attempts).
@@ -135,7 +135,7 @@ class RuntimeConfig:
     version: str = ""
     ack_delay: float = 0.05
     drain_timeout: float = 30.0
-    reconnect_initial_delay: float = 0.05
+    reconnect_initial_delay: float = 0.1
     reconnect_max_delay: float = 5.0
     max_buffered_results: int = 100_000
     hello_ack_timeout: float = 5.0
@@ -186,23 +186,28 @@ async def _wait_any(events: Iterable[asyncio.Event], timeout: float | None) -> N
 class Backoff:
     """Exponential backoff with "equal jitter": each delay is uniform in [d/2, d].
 
-    ``d`` starts at ``initial`` and doubles on every call up to ``cap``.
+    ``d`` starts at ``initial`` and grows by ``multiplier`` on every call up to ``cap``. The
+    default growth (1.6, as gRPC's own reconnect backoff) keeps the delays short through the
+    few seconds an orchestrator restart takes, and reaches the cap after about 15 s.
 
     Args:
         initial: First nominal delay (seconds).
         cap: Largest nominal delay (seconds).
+        multiplier: Growth per failure.
         rng: Source of randomness.
     """
 
-    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+    def __init__(self, initial: float, cap: float, multiplier: float = 1.6,
+                 rng: random.Random | None = None) -> None:
         self.initial = initial
         self.cap = cap
+        self.multiplier = multiplier
         self._rng = rng or random.Random()
         self._failures = 0
 
     def next(self) -> float:
         """Return the next delay."""
-        nominal = min(self.cap, self.initial * (2.0 ** min(self._failures, 60)))
+        nominal = min(self.cap, self.initial * (self.multiplier ** min(self._failures, 100)))
         self._failures += 1
         return self._rng.uniform(nominal / 2, nominal)
 

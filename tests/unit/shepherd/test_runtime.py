@@ -417,7 +417,7 @@ async def test_duplicate_pushes_run_once(runtime: ShepherdRuntime, connector: Fa
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
-    backoff = Backoff(0.1, 1.0, random.Random(7))
+    backoff = Backoff(0.1, 1.0, multiplier=2.0, rng=random.Random(7))
     delays = [backoff.next() for _ in range(10)]
     nominal = [min(1.0, 0.1 * 2**i) for i in range(10)]
     for delay, cap in zip(delays, nominal, strict=True):
