@@ -497,9 +497,11 @@ async def requeue_dead_letters(options: CliOptions, out: Output, filters: DeadLe
                                dry_run: bool) -> int:
     """``azolla dead-letters requeue``: run every matching failed task again as a new task.
 
-    The failed tasks are counted first (``ListTasks``), then requeued window by window with
-    ``RequeueDeadLetters`` so that a progress bar can follow; requeueing is idempotent per
-    source task, so running the command again after an interruption is safe.
+    The failed tasks are counted first (``ListTasks``), then requeued window by window of
+    submission time with ``RequeueDeadLetters``, so that a progress bar can follow and no call
+    runs for long. The range ends at the last dead letter found, so the new tasks this run
+    creates are never requeued by it, even if they fail at once. Requeueing is idempotent per
+    source task: running the command again after an interruption is safe.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -516,7 +518,12 @@ async def requeue_dead_letters(options: CliOptions, out: Output, filters: DeadLe
                          f"{len(found) if dry_run else 0}")
             return EXIT_OK
         base = filters.tasks()
-        windows = requeue_windows(found, REQUEUE_CHUNK, _ms(base.since), _ms(base.until))
+        # Stop at the last dead letter found: the copies this command creates (and tasks
+        # submitted after the scan) must not be requeued by the same run.
+        upper = max(found) + 1
+        if base.until is not None:
+            upper = min(upper, _ms(base.until))
+        windows = requeue_windows(found, REQUEUE_CHUNK, _ms(base.since), upper)
         requeued: list[orchestrator_pb2.RequeueTaskResponse] = []
         progress = Progress(TextColumn("requeueing dead letters"), BarColumn(),
                             MofNCompleteColumn(), console=out.err,
