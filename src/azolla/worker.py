@@ -70,7 +70,7 @@ class Worker:
         mode: ``"process"`` (a fresh process per attempt, the default) or ``"pool"`` (reused
             worker processes, for throughput).
         worker_command: Run attempts with this executable instead (the upstream worker
-            command-line contract); ``tasks`` must then be empty.
+            command-line contract); ``tasks``, if given, reach it in ``AZOLLA_TASKS``.
         token: Bearer token for an orchestrator that requires one.
         ca_file: Certificate authorities (PEM) for ``https``.
         drain_timeout: Seconds running attempts may take to finish on :meth:`stop`.
@@ -132,8 +132,6 @@ class Worker:
         if not sources.modules and settings.worker_command is None:
             raise ValueError("a Worker needs tasks (functions, module names or .py files) or a "
                              "worker_command")
-        if sources.modules and settings.worker_command is not None:
-            raise ValueError("give tasks or a worker_command, not both")
         self.settings = settings
         self.sources = sources
         self._executor: AttemptExecutor | None = None

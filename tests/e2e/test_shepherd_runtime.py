@@ -29,7 +29,7 @@ from azolla import Client, TaskHandle, TaskResult
 from azolla.adapters.grpc.pb import orchestrator_pb2 as opb
 from azolla.adapters.grpc.pb import orchestrator_pb2_grpc as opb_grpc
 from azolla.retry import ExponentialBackoff, FixedBackoff, RetryPolicy
-from support.procs import ServerProc, ShepherdProc
+from support.procs import BIN, ServerProc, ShepherdProc
 
 pytestmark = [pytest.mark.grpc, pytest.mark.postgres, pytest.mark.slow,
               pytest.mark.timeout(150)]
@@ -237,6 +237,19 @@ async def test_the_briefs_task_runs_on_a_shepherd(server: ServerProc, shepherds:
     results = await asyncio.wait_for(asyncio.gather(*(h.wait() for h in handles)), 60)
     assert [r.value["greeting"] for r in results] == [
         f"Hello user{i}! You are {i} years old." for i in range(24)]
+
+
+async def test_worker_command_mode_runs_azolla_worker(server: ServerProc,
+                                                      shepherds: Shepherds,
+                                                      client: Client) -> None:
+    await shepherds.start(server, extra=("--worker-command", str(BIN / "azolla-worker")))
+    handle = await client.submit_task("greet_user", {"name": "Ada", "age": 36}).submit()
+    result = await wait_result(handle)
+    assert result.success, result.error
+    assert result.value["greeting"] == "Hello Ada! You are 36 years old."
+    retried = await client.submit_task("flaky", {"succeed_on": 2}).retry_policy(
+        fixed(2)).submit()
+    assert (await wait_result(retried)).value == {"attempt": 2}
 
 
 async def test_a_retryable_error_then_success(server: ServerProc, shepherds: Shepherds,

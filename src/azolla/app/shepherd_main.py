@@ -80,8 +80,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     add("--mode", choices=[m.value for m in ExecutionMode],
         help="process: a fresh process per attempt (default); pool: reused worker processes")
     add("--worker-command", metavar="CMD",
-        help="run each attempt with this executable (upstream worker command-line contract) "
-             "instead of Python task modules")
+        help="run each attempt with this executable (upstream worker command-line contract); "
+             "--tasks, if given, reach it in AZOLLA_TASKS (e.g. for azolla-worker)")
+    add("--worker-stdin", action=argparse.BooleanOptionalAction, default=None,
+        help="send the task to the worker command on stdin, not in argv (default: only for "
+             "azolla-worker)")
     add("--config", metavar="FILE", help="TOML file with settings (default $AZOLLA_CONFIG)")
     add("--drain-timeout", type=float, metavar="S",
         help="on SIGTERM/Ctrl-C, seconds running attempts may take to finish (default 30)")
@@ -101,8 +104,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("orchestrator", "tasks", "domain", "group", "concurrency", "mode",
-             "worker_command", "drain_timeout", "task_timeout", "memory_limit", "cpu_limit",
-             "ca_file", "token_file", "log_level")
+             "worker_command", "worker_stdin", "drain_timeout", "task_timeout", "memory_limit",
+             "cpu_limit", "ca_file", "token_file", "log_level")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -118,8 +121,6 @@ def configure(argv: Sequence[str] | None = None) -> tuple[ShepherdSettings, Task
     if not settings.tasks and settings.worker_command is None:
         raise UsageError("no tasks to run: give --tasks MODULE (or set AZOLLA_TASKS), e.g. "
                          f"`{PROG} --tasks myapp.tasks`, or --worker-command CMD")
-    if settings.tasks and settings.worker_command is not None:
-        raise UsageError("give --tasks or --worker-command, not both")
     try:
         sources = resolve_task_sources(settings.tasks)
     except ValueError as exc:

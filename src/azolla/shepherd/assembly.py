@@ -177,13 +177,15 @@ def build_executor(settings: ShepherdSettings, sources: TaskSources) -> AttemptE
         "limits": limits,
         "default_timeout": settings.task_timeout,
         "kill_grace": settings.kill_grace,
-        "allow_env": settings.allow_env,
     }
+    modules = list(sources.modules)
     argv = settings.worker_argv
     if argv is not None:
-        executor: AttemptExecutor = execution.CommandExecutor(argv, **common)
-        return executor
-    modules = list(sources.modules)
+        extra_env = {"AZOLLA_TASKS": ",".join(modules)} if modules else None
+        return execution.CommandExecutor(
+            argv, task_via_stdin=settings.task_via_stdin, extra_env=extra_env,
+            allow_env=("AZOLLA_TASKS", *settings.allow_env), **common)
+    common["allow_env"] = settings.allow_env
     if settings.mode is ExecutionMode.POOL:
         return execution.PoolExecutor(modules, size=settings.concurrency,
                                       max_attempts_per_worker=settings.max_attempts_per_worker,

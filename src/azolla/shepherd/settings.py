@@ -91,7 +91,11 @@ class ShepherdSettings(BaseSettings):
         concurrency: Attempts run at once (``max_concurrency`` in the Hello).
         mode: ``process`` or ``pool``.
         worker_command: Run every attempt with this executable instead (the upstream worker
-            command-line contract); split like a shell would, but never run by a shell.
+            command-line contract); split like a shell would, but never run by a shell. With
+            ``tasks`` too, the command gets them in ``AZOLLA_TASKS`` (as ``azolla-worker``
+            expects).
+        worker_stdin: Send the task to the worker command on stdin instead of ``--args`` and
+            ``--kwargs`` (the worker must support it). None: only for ``azolla-worker``.
         ca_file: PEM file of the certificate authorities trusted for ``https``.
         token: Bearer token sent in the ``authorization`` metadata of the stream.
         token_file: File holding the bearer token (preferred over ``token``: not visible in
@@ -128,6 +132,7 @@ class ShepherdSettings(BaseSettings):
     concurrency: int = Field(default_factory=default_concurrency, ge=1, le=100_000)
     mode: ExecutionMode = ExecutionMode.PROCESS
     worker_command: str | None = None
+    worker_stdin: bool | None = None
     ca_file: Path | None = None
     token: SecretStr | None = None
     token_file: Path | None = None
@@ -206,6 +211,14 @@ class ShepherdSettings(BaseSettings):
     def worker_argv(self) -> list[str] | None:
         """The worker command split into an argument vector, or None."""
         return shlex.split(self.worker_command) if self.worker_command else None
+
+    @property
+    def task_via_stdin(self) -> bool:
+        """Whether the worker command gets the task on stdin (see ``worker_stdin``)."""
+        if self.worker_stdin is not None:
+            return self.worker_stdin
+        argv = self.worker_argv
+        return argv is not None and Path(argv[0]).name == "azolla-worker"
 
     def bearer_token(self) -> str | None:
         """Return the bearer token (read from ``token_file`` when given), or None."""

@@ -77,8 +77,14 @@ def test_the_cli_needs_something_to_run() -> None:
     settings, sources = configure(["--tasks", "a.b", "--tasks", "c", "--mode", "pool"])
     assert sources.modules == ("a.b", "c")
     assert settings.mode.value == "pool"
-    with pytest.raises(UsageError, match="not both"):
-        configure(["--tasks", "a", "--worker-command", "/bin/true"])
+    settings, sources = configure(["--tasks", "a", "--worker-command", "azolla-worker -v"])
+    assert settings.worker_argv == ["azolla-worker", "-v"]
+    assert settings.task_via_stdin  # azolla-worker reads the task from stdin
+    assert sources.modules == ("a",)
+    settings, _ = configure(["--worker-command", "/opt/bin/worker", "--worker-stdin"])
+    assert settings.task_via_stdin
+    settings, _ = configure(["--worker-command", "/opt/bin/worker"])
+    assert not settings.task_via_stdin
 
 
 def test_the_cli_reads_tasks_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
