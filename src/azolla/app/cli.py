@@ -113,7 +113,7 @@ app.add_typer(retention_app, name="retention")
 # -- shared options ---------------------------------------------------------------------------
 
 DomainOption = Annotated[str, typer.Option(
-    "--domain", "-d", envvar="AZOLLA_DOMAIN", help="Domain of the task(s).")]
+    "--domain", "-d", envvar="AZOLLA_DOMAIN", show_envvar=True, help="Domain of the task(s).")]
 TaskIdArgument = Annotated[str, typer.Argument(help="The task's id.", show_default=False)]
 WaitTimeoutOption = Annotated[float | None, typer.Option(
     "--wait-timeout", min=0, help="With --wait: give up waiting after this many seconds "

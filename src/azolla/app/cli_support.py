@@ -1,22 +1,9 @@
 """Plumbing of the ``azolla`` command line: options, exit codes, errors, input parsing.
 
-Every command ends in one of the exit codes below. A failure is reported as one readable line
-on standard error (``azolla: error: ...``), never as a traceback.
-
-======  ===================================================================================
-code    meaning
-======  ===================================================================================
-0       success
-1       the task failed or was cancelled (``submit --wait``, ``watch``), the task was not
-        found, or the server refused the operation (e.g. ``retry`` of a running task)
-2       usage: unknown option, bad JSON, malformed duration or time, invalid request
-3       unavailable: the orchestrator (or, for ``migrate``/``retention``, the database) could
-        not be reached
-4       authentication: missing or invalid token, or the token does not allow this
-5       internal error on the server or in the database (see its log)
-124     a wait ran out of time (``--wait-timeout``); the task goes on
-130     interrupted (Ctrl-C)
-======  ===================================================================================
+Every command ends with one of the exit codes of :data:`EXIT_CODES` (0 success, 1 task failed
+or not found, 2 usage, 3 unavailable, 4 not authorised, 5 internal error, 124 wait timed out,
+130 interrupted). A failure is reported as one readable line on standard error
+(``azolla: error: ...``), never as a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +12,6 @@ import asyncio
 import datetime as dt
 import json
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -35,6 +21,7 @@ import typer
 __all__ = [
     "DEFAULT_SERVER",
     "EXIT_AUTH",
+    "EXIT_CODES",
     "EXIT_FAILED",
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
@@ -63,6 +50,23 @@ EXIT_AUTH = 4
 EXIT_INTERNAL = 5
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+
+#: Every exit code and what it means (the reference page is generated from this).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILED, "the task failed or was cancelled (`submit --wait`, `retry --wait`, "
+                  "`watch`), the task was not found, or the server refused the operation "
+                  "(e.g. `retry` of a task that did not fail); `migrate --dry-run`: migrations "
+                  "are pending"),
+    (EXIT_USAGE, "usage: unknown option, bad JSON, malformed time or duration, invalid "
+                 "request"),
+    (EXIT_UNAVAILABLE, "the orchestrator (or, for `migrate` and `retention run`, the "
+                       "database) could not be reached"),
+    (EXIT_AUTH, "missing or invalid token, or the token does not allow this"),
+    (EXIT_INTERNAL, "internal error in the server or the database (see its log)"),
+    (EXIT_TIMEOUT, "`--wait-timeout` ran out; the task goes on"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
 
 T = TypeVar("T")
 
@@ -300,7 +304,3 @@ def parse_days(text: str, option: str) -> int:
     days = int(match.group(1))
     return days * 7 if (match.group(2) or "d").lower() == "w" else days
 
-
-def print_stderr(text: str) -> None:
-    """Print a line on standard error (progress notes that are not data)."""
-    print(text, file=sys.stderr, flush=True)
