@@ -200,6 +200,8 @@ def rows(s: dict[str, Any]) -> list[dict[str, Any]]:
                       "< 1 s", None if fd is None else fd < 1.0))
         r.append(_row("  … → first task code started", "s", "lower",
                       {"azolla": rs.get("restart_to_first_task_start_s")}))
+        r.append(_row("  … for reference: first start → SERVING, empty database", "s",
+                      "lower", {"azolla": rs.get("start_to_serving_empty_db_s")}))
     sd = s.get("shepherd_death") or {}
     if "kill_to_all_redispatched_s" in sd:
         t = sd.get("kill_to_all_redispatched_s")
@@ -313,28 +315,40 @@ def configs_md(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _frames_md(title: str, p: dict[str, Any], rows: int = 12) -> list[str]:
+    if "self_pct" not in p:
+        return [f"\n{title}: {p.get('error', 'no data')}"]
+    path = Path(p["file"])
+    shown = path.relative_to(path.parents[2]) if len(path.parents) > 2 else path
+    parts = [f"\n**{title}** ({p['samples']:,} samples; raw collapsed stacks: `{shown}`)\n",
+             "| self % | function (self time) | inclusive % | function (inclusive) |",
+             "|---|---|---|---|"]
+    for (sf, sp), (inf, ip) in zip(p["self_pct"][:rows], p["inclusive_pct"][:rows],
+                                   strict=False):
+        parts.append(f"| {sp} | `{_md_code(sf)}` | {ip} | `{_md_code(inf)}` |")
+    return parts
+
+
 def profiles_md(s: dict[str, Any]) -> str:
     prof = s.get("profiles") or {}
+    startup = (s.get("restart") or {}).get("startup_profile")
+    tail: list[str] = []
+    if startup:
+        tail = ["\nStart-up of the orchestrator on the recovery database (10k unfinished "
+                "tasks), run under `py-spy record --nonblocking --rate 200` (all samples, "
+                "not only the GIL holder) until 0.5 s after SERVING "
+                f"({startup.get('start_to_serving_under_py_spy_s')} s to SERVING under "
+                "py-spy):", *_frames_md("orchestrator start-up", startup, 15)]
     if not prof or "error" in prof:
-        return f"Not recorded ({prof.get('error', 'skipped')})."
+        return f"Not recorded ({prof.get('error', 'skipped')})." + "\n".join(tail)
     parts = [f"`py-spy record --nonblocking --gil --rate 100` for {prof['seconds']} s while the "
              f"system ran no-op tasks flat out (pool mode, concurrency {prof['concurrency']}, "
              f"a backlog of queued tasks kept full; ~{prof['tasks_completed_approx']:,} tasks "
              f"completed). CPU seconds in that window: "
              + ", ".join(f"{k} {v}" for k, v in prof["cpu_s"].items()) + "."]
     for name in ("orchestrator", "shepherd"):
-        p = prof.get(name) or {}
-        if "self_pct" not in p:
-            parts.append(f"\n{name}: {p.get('error', 'no data')}")
-            continue
-        parts.append(f"\n**{name}** ({p['samples']:,} samples; raw collapsed stacks: "
-                     f"`{Path(p['file']).relative_to(Path(p['file']).parents[2])}`)\n")
-        parts.append("| self % | function (self time) | inclusive % | function (inclusive) |")
-        parts.append("|---|---|---|---|")
-        for (sf, sp), (inf, ip) in zip(p["self_pct"][:12], p["inclusive_pct"][:12],
-                                       strict=False):
-            parts.append(f"| {sp} | `{_md_code(sf)}` | {ip} | `{_md_code(inf)}` |")
-    return "\n".join(parts)
+        parts += _frames_md(f"{name} at peak load", prof.get(name) or {})
+    return "\n".join(parts + tail)
 
 
 def _md_code(text: str) -> str:
@@ -347,7 +361,9 @@ def recovery_md(s: dict[str, Any]) -> str:
     if rs:
         out.append("Orchestrator kill -9 and restart: " + (rs.get("error") or (
             f"{rs.get('unfinished_at_kill')} unfinished tasks ({rs.get('events_in_log')} "
-            f"events in the log); shepherd {rs.get('shepherd')}; restart issued "
+            f"events in the log); shepherd {rs.get('shepherd')}; for reference, the first "
+            f"start of the same server on an empty database took "
+            f"{fmt(rs.get('start_to_serving_empty_db_s'), 's')} s to SERVING; restart issued "
             f"{fmt(rs.get('kill_to_restart_s'), 's')} s after the kill. From the restart: "
             f"SERVING after {fmt(rs.get('restart_to_serving_s'), 's')} s, first successful "
             f"RPC after {fmt(rs.get('restart_to_first_rpc_s'), 's')} s, first dispatch "

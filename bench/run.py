@@ -264,8 +264,8 @@ def main() -> int:
             results["submitters"] = system.multi_client_submit(
                 endpoint, procs, coroutines, per_proc, out_dir)
             log(f"  -> {results['submitters'].get('per_s', 0):.0f} tasks/s")
+        prof_dir = (ROOT / "bench" / "profiles") if docs else (out_dir / "profiles")
         if "profile" not in skip:
-            prof_dir = (ROOT / "bench" / "profiles") if docs else (out_dir / "profiles")
             cfg = report.best_config(results, "azolla-pool") or "1x16"
             procs_, conc = (int(x) for x in cfg.split("x"))
             log(f"azolla: py-spy profiles at peak load ({p['profile_seconds']:.0f} s, pool, "
@@ -285,8 +285,10 @@ def main() -> int:
                 "unfinished tasks")
             try:
                 results["restart"] = asyncio.run(system.orchestrator_restart(
-                    cluster.dsn("postgres"), out_dir, p["recovery_unfinished"]))
-                log(f"  -> {json.dumps(report.rounded(results['restart']))}")
+                    cluster.dsn("postgres"), out_dir, p["recovery_unfinished"],
+                    profile_dir=None if "profile" in skip else prof_dir))
+                shown = {k: v for k, v in results["restart"].items() if k != "startup_profile"}
+                log(f"  -> {json.dumps(report.rounded(shown))}")
             except Exception as exc:
                 results["restart"] = {"error": repr(exc)}
                 log(f"  !! {exc!r}")

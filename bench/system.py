@@ -133,7 +133,8 @@ def multi_client_submit(endpoint: str, processes: int, coroutines: int, n_per_pr
 # -- recovery: orchestrator kill -9 and restart ----------------------------------------------
 
 async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int = 10_000,
-                               concurrency: int = 8, sleep_s: float = 0.05) -> dict[str, Any]:
+                               concurrency: int = 8, sleep_s: float = 0.05,
+                               profile_dir: Path | None = None) -> dict[str, Any]:
     """kill -9 the orchestrator with ``unfinished`` tasks in the log, restart it at once.
 
     A pool shepherd (``concurrency`` slots) is connected and busy with ``sleepy`` tasks of
@@ -148,12 +149,13 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
     dsn = await _infra.fresh_database(server_dsn, "azolla_recovery")
     port = _infra.free_port()
     domain = "recovery"
+    t_first_start = time.time()
     server, endpoint = _infra.start_server(dsn, log_dir, port, name="recovery-server")
     shepherd = None
     server2 = None
     conn = await asyncpg.connect(dsn)
     try:
-        await _infra.wait_serving(endpoint, server, timeout=60)
+        empty_start_s = await _infra.wait_serving(endpoint, server, timeout=60) - t_first_start
         shepherd = _infra.start_shepherd(endpoint, "pool", concurrency, domain, log_dir,
                                          name="recovery-shepherd")
         await _infra.wait_shepherds(endpoint, domain, 1, [shepherd], timeout=60)
@@ -166,15 +168,18 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
                 handles += await client.submit_many("sleepy", [[sleep_s, now]] * k)
             probe = handles[-1].task_id
         await asyncio.sleep(0.5)
-        done = int(await conn.fetchval(
-            "SELECT count(*) FROM azolla_events WHERE terminal AND domain = $1", domain))
-        pos_kill = await _max_position(conn)
-        events_in_log = pos_kill
         t_kill = time.time()
         os.kill(server.pid, signal.SIGKILL)
         server.popen.wait(10)
         t_restart = time.time()
         server2, _ = _infra.start_server(dsn, log_dir, port, name="recovery-server-2")
+        # The log as the dead server left it (a commit in flight at the kill has landed by
+        # now: the new process needs far longer than this to import).
+        await asyncio.sleep(0.05)
+        pos_kill = await _max_position(conn)
+        events_in_log = pos_kill
+        done = int(await conn.fetchval(
+            "SELECT count(*) FROM azolla_events WHERE terminal AND domain = $1", domain))
 
         async def health() -> float | None:
             ok = await _infra.health_serving(endpoint, timeout=0.25)
@@ -216,18 +221,60 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
         def since(t: float | None) -> float | None:
             return None if t is None else t - t_restart
 
-        return {"unfinished_at_kill": unfinished - done, "events_in_log": events_in_log,
-                "kill_to_restart_s": t_restart - t_kill,
-                "restart_to_serving_s": since(serving), "restart_to_first_rpc_s": since(rpc),
-                "restart_to_first_dispatch_s": since(dispatched),
-                "restart_to_first_task_start_s": since(started),
-                "shepherd": f"pool, concurrency {concurrency}, tasks sleep {sleep_s} s",
-                "server_log": str(server2.log_path)}
+        result: dict[str, Any] = {
+            "unfinished_at_kill": unfinished - done, "events_in_log": events_in_log,
+            "start_to_serving_empty_db_s": empty_start_s,
+            "kill_to_restart_s": t_restart - t_kill,
+            "restart_to_serving_s": since(serving), "restart_to_first_rpc_s": since(rpc),
+            "restart_to_first_dispatch_s": since(dispatched),
+            "restart_to_first_task_start_s": since(started),
+            "shepherd": f"pool, concurrency {concurrency}, tasks sleep {sleep_s} s",
+            "server_log": str(server2.log_path)}
+        if profile_dir is not None:
+            # Not timed: kill -9 again and restart under py-spy to see where start-up goes.
+            os.kill(server2.pid, signal.SIGKILL)
+            server2.popen.wait(10)
+            result["startup_profile"] = await _profile_startup(
+                dsn, port, endpoint, log_dir, profile_dir)
+        return result
     finally:
         await conn.close()
         for proc in (shepherd, server2, server):
             if proc is not None:
-                proc.stop(timeout=10)
+                proc.stop(timeout=3)
+
+
+async def _profile_startup(dsn: str, port: int, endpoint: str, log_dir: Path,
+                           out_dir: Path) -> dict[str, Any]:
+    """Start the server under ``py-spy record``; stop it (SIGKILL) 0.5 s after SERVING."""
+    out = _profile_files(out_dir, ("orchestrator-restart",))["orchestrator-restart"]
+    spy = _infra.Proc("py-spy-restart", [
+        str(_infra.VENV_BIN / "py-spy"), "record", "--format", "raw", "--nonblocking",
+        "--rate", "200", "--output", str(out), "--", *_infra.server_argv(dsn, port)],
+        log_dir / "py-spy-restart.log")
+    try:
+        t0 = time.time()
+        serving = await _infra.wait_serving(endpoint, spy, timeout=60)
+        await asyncio.sleep(0.5)
+        for child in _children(spy.pid):
+            os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.popen.wait(30)
+    finally:
+        spy.stop(timeout=5)
+    summary = _summary_or_error(out)
+    summary["start_to_serving_under_py_spy_s"] = round(serving - t0, 3)
+    return summary
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
 
 
 # -- recovery: shepherd kill -9 ----------------------------------------------------------------
@@ -381,10 +428,10 @@ def _summary_or_error(path: Path) -> dict[str, Any]:
     return summarize_profile(path) if path.exists() else {"error": f"no profile in {path}"}
 
 
-def _profile_files(out_dir: Path) -> dict[str, Path]:
+def _profile_files(out_dir: Path, names: tuple[str, ...] = ("orchestrator", "shepherd")
+                   ) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"orchestrator": out_dir / "orchestrator.raw.txt",
-             "shepherd": out_dir / "shepherd.raw.txt"}
+    files = {name: out_dir / f"{name}.raw.txt" for name in names}
     for path in files.values():
         path.unlink(missing_ok=True)
     return files
