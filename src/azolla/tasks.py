@@ -45,6 +45,7 @@ import asyncio
 import functools
 import importlib
 import inspect
+import json
 import traceback
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -408,6 +409,10 @@ class TaskDefinition(Generic[P, R]):
         is_async: True when ``func`` is a coroutine function.
     """
 
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[P, R]
+
     def __init__(
         self, func: Callable[P, R], *, name: str | None = None, retry_policy: object | None = None
     ) -> None:
@@ -707,6 +712,14 @@ def encode_result(value: Any) -> str:
     """
     try:
         return orjson.dumps(value, default=_json_default).decode()
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise ResultNotSerializable(
+                f"task returned a value that is not JSON-serialisable "
+                f"({type(value).__name__}): {exc}"
+            ) from None
+    try:  # integers beyond 64 bits: the standard library encodes them exactly
+        return json.dumps(value, default=_json_default, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ResultNotSerializable(
             f"task returned a value that is not JSON-serialisable ({type(value).__name__}): {exc}"

@@ -54,9 +54,14 @@ def json_to_any_value(value_json: str) -> common_pb2.AnyValue:
         return common_pb2.AnyValue(string_value=value)
     if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
         return common_pb2.AnyValue(int_value=value)
-    if isinstance(value, float) and math.isfinite(value):
+    if isinstance(value, float) and math.isfinite(value) and not _integer_literal(value_json):
         return common_pb2.AnyValue(double_value=value)
     return common_pb2.AnyValue(json_value=value_json)
+
+
+def _integer_literal(text: str) -> bool:
+    # orjson reads integers beyond 64 bits as floats; keep their exact text instead.
+    return not any(c in text for c in ".eE")
 
 
 def any_value_to_json(value: common_pb2.AnyValue) -> str:

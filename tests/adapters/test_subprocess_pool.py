@@ -1,0 +1,195 @@
+"""``pool`` mode specifics: reuse, replacement of dead workers, queueing, recycling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from azolla.adapters.subprocess import PoolExecutor
+from azolla.domain.ports import ExecutionRequest
+
+pytestmark = pytest.mark.timeout(60)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def make(**options: Any) -> PoolExecutor:
+    options.setdefault("size", 2)
+    return PoolExecutor(
+        ["tasks_basic"], sys_path=[str(FIXTURES), *sys.path], kill_grace=0.5, **options
+    )
+
+
+def req(name: str, *args: Any, **fields: Any) -> ExecutionRequest:
+    return ExecutionRequest(
+        task_id=str(uuid.uuid4()),
+        attempt=1,
+        name=name,
+        args=orjson.dumps(list(args)).decode(),
+        kwargs="{}",
+        **fields,
+    )
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+async def wait_until(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def read_marker(path: Path) -> str:
+    """The marker file's text ("" while it does not exist)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+async def wait_for_file(path: Path, timeout: float = 20.0) -> str:
+    await wait_until(lambda: read_marker(path), timeout)
+    return read_marker(path)
+
+
+async def test_workers_are_reused() -> None:
+    executor = make(size=1)
+    try:
+        await executor.start()
+        pids = {int((await executor.execute(req("pid"))).value_json) for _ in range(5)}
+        assert pids == set(executor.worker_pids)
+        assert executor.workers_started == 1
+    finally:
+        await executor.close()
+
+
+async def test_a_worker_killed_while_idle_is_replaced() -> None:
+    executor = make()
+    try:
+        await executor.start()
+        victim = executor.worker_pids[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(lambda: gone(victim) and len(executor.worker_pids) == 2)
+        assert victim not in executor.worker_pids
+        outcomes = await asyncio.gather(*(executor.execute(req("add", i, 1)) for i in range(6)))
+        assert [o.value_json for o in outcomes] == [str(i + 1) for i in range(6)]
+        assert executor.workers_started == 3
+    finally:
+        await executor.close()
+
+
+async def test_a_worker_killed_during_an_attempt(tmp_path: Path) -> None:
+    executor = make()
+    try:
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+        victim = int(await wait_for_file(marker))
+        os.kill(victim, signal.SIGKILL)
+        outcome = await asyncio.wait_for(running, 20)
+        assert (outcome.error_type, outcome.retriable) == ("WorkerCrashed", True)
+        assert orjson.loads(outcome.error_data)["signal"] == "SIGKILL"
+        assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+        await wait_until(lambda: len(executor.worker_pids) == 2)
+        assert victim not in executor.worker_pids
+    finally:
+        await executor.close()
+
+
+async def test_a_killed_fork_server_is_replaced_with_its_workers() -> None:
+    executor = make()
+    try:
+        await executor.start()
+        old_workers = executor.worker_pids
+        fork_server = executor.fork_server_pid
+        assert fork_server is not None
+        os.kill(fork_server, signal.SIGKILL)
+        await wait_until(lambda: all(gone(pid) for pid in old_workers))
+        outcome = await asyncio.wait_for(executor.execute(req("add", 3, 4)), 30)
+        assert outcome.value_json == "7"
+        assert executor.fork_server_starts == 2
+        await wait_until(lambda: len(executor.worker_pids) == 2)
+        assert not set(executor.worker_pids) & set(old_workers)
+    finally:
+        await executor.close()
+
+
+async def test_workers_are_recycled_after_max_attempts() -> None:
+    executor = make(size=2, max_attempts_per_worker=3)
+    try:
+        pids = [int((await executor.execute(req("pid"))).value_json) for _ in range(12)]
+        counts = Counter(pids)
+        assert max(counts.values()) <= 3
+        assert len(counts) >= 4
+    finally:
+        await executor.close()
+
+
+async def test_a_memory_error_retires_the_worker() -> None:
+    executor = make(size=1)
+    try:
+        before = int((await executor.execute(req("pid"))).value_json)
+        outcome = await executor.execute(req("allocate", 1000, memory_limit=128 << 20))
+        assert outcome.error_type == "MemoryLimitExceeded"
+        after = int((await executor.execute(req("pid"))).value_json)
+        assert after != before
+    finally:
+        await executor.close()
+
+
+async def test_more_attempts_than_workers_wait_their_turn(tmp_path: Path) -> None:
+    executor = make(size=2)
+    try:
+        # Two long attempts occupy both workers; a third waits and can be cancelled there.
+        markers = [tmp_path / f"m{i}" for i in range(2)]
+        blockers = [req("sleep_marked", str(m), 30) for m in markers]
+        running = [asyncio.ensure_future(executor.execute(r)) for r in blockers]
+        for marker in markers:
+            await wait_for_file(marker)
+        queued = req("add", 1, 1, timeout=0.2)
+        waiting = asyncio.ensure_future(executor.execute(queued))
+        await asyncio.sleep(0.5)  # longer than its timeout: waiting does not count
+        assert not waiting.done()
+        assert await executor.cancel(queued.task_id, 1)
+        cancelled = await asyncio.wait_for(waiting, 5)
+        assert (cancelled.error_type, cancelled.retriable) == ("Cancelled", False)
+        for blocker in blockers:
+            assert await executor.cancel(blocker.task_id, 1)
+        assert [o.error_type for o in await asyncio.gather(*running)] == ["Cancelled"] * 2
+        many = await asyncio.gather(*(executor.execute(req("sleep_for", 0.05)) for _ in range(10)))
+        assert all(o.ok for o in many)
+    finally:
+        await executor.close()
+
+
+async def test_close_is_bounded_and_ends_everything(tmp_path: Path) -> None:
+    executor = make(size=1)
+    marker = tmp_path / "running"
+    running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+    worker = int(await wait_for_file(marker))
+    queued = asyncio.ensure_future(executor.execute(req("add", 1, 1)))
+    fork_server = executor.fork_server_pid
+    assert fork_server is not None
+    started = time.monotonic()
+    await asyncio.wait_for(executor.close(), 20)
+    assert time.monotonic() - started < 10
+    assert (await running).error_type == "ExecutorClosed"
+    assert (await queued).error_type == "ExecutorClosed"
+    await wait_until(lambda: gone(worker) and gone(fork_server), 10)

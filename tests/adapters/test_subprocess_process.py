@@ -1,0 +1,158 @@
+"""``process`` mode specifics: a fresh process per attempt, fork server supervision, close."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from azolla.adapters.subprocess import ProcessExecutor, WorkerStartError
+from azolla.domain.ports import ExecutionRequest
+
+pytestmark = pytest.mark.timeout(60)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def make(**options: Any) -> ProcessExecutor:
+    modules = options.pop("modules", ["tasks_basic"])
+    return ProcessExecutor(modules, sys_path=[str(FIXTURES), *sys.path], kill_grace=0.5, **options)
+
+
+def req(name: str, *args: Any, **fields: Any) -> ExecutionRequest:
+    return ExecutionRequest(
+        task_id=str(uuid.uuid4()),
+        attempt=1,
+        name=name,
+        args=orjson.dumps(list(args)).decode(),
+        kwargs="{}",
+        **fields,
+    )
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+async def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not gone(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return gone(pid)
+
+
+def read_marker(path: Path) -> str:
+    """The marker file's text ("" while it does not exist)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+async def wait_for_file(path: Path, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text := read_marker(path):
+            return text
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} was not written within {timeout} s")
+
+
+async def test_every_attempt_gets_a_fresh_process() -> None:
+    executor = make()
+    try:
+        pids = [int((await executor.execute(req("pid"))).value_json) for _ in range(3)]
+        assert len(set(pids)) == 3
+        assert executor.fork_server_pid not in pids
+        assert executor.fork_server_starts == 1
+    finally:
+        await executor.close()
+
+
+async def test_a_killed_fork_server_is_replaced() -> None:
+    executor = make()
+    try:
+        await executor.start()
+        first = executor.fork_server_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert await wait_gone(first)
+        outcome = await asyncio.wait_for(executor.execute(req("add", 1, 2)), 30)
+        assert outcome.value_json == "3"
+        assert executor.fork_server_starts == 2
+        assert executor.fork_server_pid not in (None, first)
+    finally:
+        await executor.close()
+
+
+async def test_attempts_of_a_dead_fork_server_fail_as_crashed(tmp_path: Path) -> None:
+    executor = make()
+    try:
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+        worker = int(await wait_for_file(marker))
+        fork_server = executor.fork_server_pid
+        assert fork_server is not None
+        os.kill(fork_server, signal.SIGKILL)
+        outcome = await asyncio.wait_for(running, 20)
+        assert (outcome.error_type, outcome.retriable) == ("WorkerCrashed", True)
+        assert orjson.loads(outcome.error_data)["reason"] == "the fork server died"
+        assert await wait_gone(worker), "the attempt's process outlived its fork server"
+        assert (await executor.execute(req("add", 2, 2))).value_json == "4"
+    finally:
+        await executor.close()
+
+
+async def test_close_stops_running_attempts_and_the_fork_server(tmp_path: Path) -> None:
+    executor = make()
+    marker = tmp_path / "running"
+    running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+    worker = int(await wait_for_file(marker))
+    fork_server = executor.fork_server_pid
+    assert fork_server is not None
+    started = time.monotonic()
+    await asyncio.wait_for(executor.close(), 20)
+    assert time.monotonic() - started < 10
+    outcome = await asyncio.wait_for(running, 5)
+    assert (outcome.error_type, outcome.retriable) == ("ExecutorClosed", True)
+    assert await wait_gone(worker)
+    assert await wait_gone(fork_server)
+    after = await executor.execute(req("add", 1, 1))
+    assert after.error_type == "ExecutorClosed"
+    await executor.close()  # idempotent
+
+
+async def test_a_task_module_that_cannot_be_imported() -> None:
+    executor = make(modules=["tasks_broken"], startup_timeout=30)
+    try:
+        with pytest.raises(WorkerStartError, match="broken on purpose"):
+            await executor.start()
+        outcome = await executor.execute(req("add", 1, 2))
+        assert (outcome.error_type, outcome.retriable) == ("WorkerStartFailed", True)
+        assert "broken on purpose" in outcome.error_message
+    finally:
+        await executor.close()
+
+
+async def test_requests_and_results_have_size_limits() -> None:
+    executor = make(max_request_bytes=1000, max_result_bytes=1000)
+    try:
+        too_big = await executor.execute(req("add", "x" * 2000, 1))
+        assert (too_big.error_type, too_big.retriable) == ("RequestTooLarge", False)
+        result = await executor.execute(req("big_result", 5000))
+        assert (result.error_type, result.retriable) == ("ResultTooLarge", False)
+        assert (await executor.execute(req("big_result", 10))).ok
+    finally:
+        await executor.close()
