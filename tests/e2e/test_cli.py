@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -42,6 +43,8 @@ _SCRIPT = Path(sys.executable).parent / "azolla"
 AZOLLA = [str(_SCRIPT)] if _SCRIPT.exists() else [
     sys.executable, "-c", "from azolla.app.cli import main; main()"]
 TOKEN = "cli-test-token-0123456789"
+CLI_VARIABLES = ("AZOLLA_SERVER", "AZOLLA_TOKEN", "AZOLLA_CA_FILE", "AZOLLA_TIMEOUT",
+                 "AZOLLA_DOMAIN")
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -187,9 +190,11 @@ def azolla(*args: str, server: BackgroundServer | None = None, url: str | None =
     target = url or (server.url if server is not None else None)
     if target:
         prefix = ["--server", target, *prefix]
+    # The CLI's own variables from the environment of the test run must not leak in.
+    clean: dict[str, str | None] = {name: None for name in CLI_VARIABLES}
+    clean.update(env or {})
     started = time.monotonic()
-    result = CliRunner().invoke(app, [*prefix, *args], env=env or {"AZOLLA_TOKEN": ""},
-                                catch_exceptions=False)
+    result = CliRunner().invoke(app, [*prefix, *args], env=clean, catch_exceptions=False)
     assert time.monotonic() - started < 30, f"azolla {args} took too long"
     return Run(result.exit_code, result.stdout, result.stderr)
 
@@ -447,6 +452,30 @@ def test_events_tail_reads_the_log(server: BackgroundServer) -> None:
     human = azolla("events", "tail", "--domain", domain, server=server)
     assert "TaskSubmitted.v1" in human.stdout
     assert task_id in human.stdout
+
+
+def test_events_tail_follow_streams_new_events_until_ctrl_c(server: BackgroundServer) -> None:
+    domain = unique("follow")
+    tail = subprocess.Popen(
+        [*AZOLLA, "--server", server.url, "--json", "events", "tail", "--follow", "--domain",
+         domain], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        task_id = submit_json(server, "followed", "--domain", domain)["task_id"]
+        assert tail.stdout is not None
+        event = json.loads(tail.stdout.readline())
+        assert event["stream_id"] == task_id
+        assert event["type"] == "TaskSubmitted.v1"
+        later = submit_json(server, "followed", "--domain", domain)["task_id"]
+        event = json.loads(tail.stdout.readline())  # committed while the tail follows
+        assert event["stream_id"] == later
+        tail.send_signal(signal.SIGINT)
+        _, err = tail.communicate(timeout=20)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.communicate()
+    assert tail.returncode == 130, err
+    assert "Traceback" not in err
 
 
 # -- dead letters ----------------------------------------------------------------------------------
