@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -588,6 +589,31 @@ def test_tokens_are_sent_and_refusals_are_code_4() -> None:
         assert ok.code == 0, ok
         listed = azolla("--token", TOKEN, "--json", "tasks", "list", server=secured)
         assert [t["task_id"] for t in listed.json()["tasks"]] == [ok.json()["task_id"]]
+
+
+def test_tls_with_a_private_certificate_authority(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:  # pragma: no cover - openssl is on every CI image
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60)
+    settings = Settings(store="memory", port=0, log_level="warning", tls_cert_file=cert,
+                        tls_key_file=key)
+    with BackgroundServer(settings, with_shepherd=False) as secured:
+        url = secured.url.replace("http://", "https://")
+        submitted = azolla("--ca-file", str(cert), "--json", "submit", "over_tls", url=url)
+        assert submitted.code == 0, submitted
+        listed = azolla("--ca-file", str(cert), "--json", "tasks", "list", url=url)  # admin
+        assert [t["name"] for t in listed.json()["tasks"]] == ["over_tls"]
+        untrusted = azolla("tasks", "list", url=url)  # the system roots do not know this CA
+        assert untrusted.code == 3, untrusted
+        plain = azolla("tasks", "list", url=secured.url)
+        assert plain.code == 3, plain
+        assert azolla("--ca-file", str(tmp_path / "missing.pem"), "tasks", "list",
+                      url=url).code == 2
 
 
 def test_help_lists_every_command() -> None:
