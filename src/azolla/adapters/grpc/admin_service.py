@@ -134,21 +134,27 @@ class AdminService(orchestrator_pb2_grpc.AdminServiceServicer):
 
     async def RequeueDeadLetters(self, request: orchestrator_pb2.ListTasksRequest,
                                  context: Context) -> orchestrator_pb2.RequeueDeadLettersResponse:
-        """Requeue every failed task that matches the filter (all pages)."""
+        """Requeue every failed task that matches the filter (all pages).
+
+        The matching tasks are listed first and requeued afterwards, so copies that this very
+        call creates (and that may fail again at once) are never requeued by it.
+        """
         response = orchestrator_pb2.RequeueDeadLettersResponse()
         try:
             page_request = orchestrator_pb2.ListTasksRequest()
             page_request.CopyFrom(request)
             page_request.limit = 1000
+            dead: list[TaskView] = []
             while True:
                 views, cursor = self._list(page_request, TaskState.FAILED)
-                for view in views:
-                    result = await self.orchestrator.requeue(view.domain, view.task_id)
-                    response.requeued.append(orchestrator_pb2.RequeueTaskResponse(
-                        task_id=str(result.task_id), deduplicated=result.deduplicated))
+                dead.extend(views)
                 if not cursor:
                     break
                 page_request.cursor = cursor
+            for view in dead:
+                result = await self.orchestrator.requeue(view.domain, view.task_id)
+                response.requeued.append(orchestrator_pb2.RequeueTaskResponse(
+                    task_id=str(result.task_id), deduplicated=result.deduplicated))
         except Exception as exc:
             await abort_for(context, exc, "RequeueDeadLetters")
         return response
