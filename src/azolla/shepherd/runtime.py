@@ -798,5 +798,7 @@ class ShepherdRuntime:
         except Exception:
             log.exception("closing the executor failed")
         self.state = RuntimeState.STOPPED
+        log.info("shepherd %s counters: %s", self.shepherd_id,
+                 " ".join(f"{k}={v}" for k, v in self.stats.items()))
         self._stopped.set()
 

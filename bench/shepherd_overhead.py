@@ -1,0 +1,305 @@
+"""What a shepherd adds on top of running task code: executors, runtime, and the whole path.
+
+Three measurements, each isolating one layer (no-op tasks throughout):
+
+* ``executor``: :class:`ProcessExecutor` / :class:`PoolExecutor` called directly (no gRPC):
+  sequential ``execute`` latency p50/p99, and attempts/s with ``--concurrency`` in flight.
+* ``runtime``: :class:`ShepherdRuntime` against an in-memory orchestrator end and an executor
+  that returns at once: the runtime's own cost per attempt (attempts/s on one core) and how it
+  batches (results per stream message, acks sent).
+* ``system``: ``azolla-server`` (memory store, so the database is out of the picture) and one
+  ``azolla-shepherd`` process, driven by the Python client: submit -> result latency p50/p99
+  one task at a time, and tasks/s for a burst; the shepherd's own counters (messages, batches,
+  acks) are read from its log when it stops.
+
+Usage::
+
+    .venv/bin/python bench/shepherd_overhead.py                 # all three, both modes
+    .venv/bin/python bench/shepherd_overhead.py --only runtime --json out.json
+
+Numbers depend on the machine and on what else runs; quote them with ``machine`` from the
+JSON output. This is a benchmark, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import _infra  # noqa: E402
+
+from azolla.adapters.grpc.pb import common_pb2 as cpb  # noqa: E402
+from azolla.adapters.grpc.pb import orchestrator_pb2 as opb  # noqa: E402
+from azolla.domain.ports import ExecutionOutcome, ExecutionRequest  # noqa: E402
+from azolla.shepherd.connection import ConnectionLost  # noqa: E402
+from azolla.shepherd.runtime import RuntimeConfig, ShepherdRuntime  # noqa: E402
+
+TASKS = "bench.tasks_noop"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(samples: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples]
+    return {"p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
+
+
+# -- executor ----------------------------------------------------------------------------------
+
+
+async def bench_executor(mode: str, sequential: int, burst: int,
+                         concurrency: int) -> dict[str, Any]:
+    from azolla.adapters.subprocess import PoolExecutor, ProcessExecutor
+
+    sys_path = [str(ROOT), *sys.path]
+    executor: Any
+    if mode == "pool":
+        executor = PoolExecutor([TASKS], size=concurrency, sys_path=sys_path)
+    else:
+        executor = ProcessExecutor([TASKS], sys_path=sys_path)
+    await executor.start()
+
+    def request(_: int) -> ExecutionRequest:
+        return ExecutionRequest(task_id=str(uuid.uuid4()), attempt=1, name="noop",
+                                args="[]", kwargs="{}")
+
+    try:
+        for i in range(20):  # warm up
+            await executor.execute(request(i))
+        latencies = []
+        for i in range(sequential):
+            started = time.perf_counter()
+            outcome = await executor.execute(request(i))
+            latencies.append(time.perf_counter() - started)
+            assert outcome.ok, outcome
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with gate:
+                outcome = await executor.execute(request(i))
+                assert outcome.ok, outcome
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(burst)))
+        elapsed = time.perf_counter() - started
+    finally:
+        await executor.close()
+    return {"mode": mode, "sequential": summary_ms(latencies), "burst": burst,
+            "concurrency": concurrency, "attempts_per_s": round(burst / elapsed, 1)}
+
+
+# -- runtime -----------------------------------------------------------------------------------
+
+
+class _NullExecutor:
+    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+        await asyncio.sleep(0)
+        return ExecutionOutcome(request.task_id, request.attempt, True, "null")
+
+    async def cancel(self, task_id: str, attempt: int) -> bool:
+        return False
+
+    async def close(self) -> None:
+        return None
+
+
+class _Link:
+    """The orchestrator's end, in memory: pushes a new task for every result (full slots)."""
+
+    def __init__(self, total: int, concurrency: int, batch: int) -> None:
+        self.total = total
+        self.concurrency = concurrency
+        self.batch = batch
+        self.incoming: asyncio.Queue[opb.ServerMsg | None] = asyncio.Queue()
+        self.pushed = 0
+        self.results = 0
+        self.result_messages = 0
+        self.done = asyncio.Event()
+
+    def push(self, count: int) -> None:
+        count = min(count, self.total - self.pushed)
+        if count <= 0:
+            return
+        tasks = [cpb.Task(task_id=f"t{self.pushed + i}", name="noop", args="[]", kwargs="{}",
+                          attempt_number=1) for i in range(count)]
+        self.pushed += count
+        for start in range(0, len(tasks), self.batch):
+            self.incoming.put_nowait(opb.ServerMsg(tasks=opb.TaskBatch(
+                tasks=tasks[start:start + self.batch])))
+
+    async def send(self, message: opb.ClientMsg) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "hello":
+            self.incoming.put_nowait(opb.ServerMsg(hello_ack=opb.HelloAck(
+                heartbeat_interval_ms=2000)))
+            self.push(self.concurrency)
+        elif kind == "task_results":
+            count = len(message.task_results.results)
+            self.results += count
+            self.result_messages += 1
+            self.push(count)
+            if self.results >= self.total:
+                self.done.set()
+
+    async def receive(self) -> opb.ServerMsg | None:
+        message = await self.incoming.get()
+        if message is None:
+            raise ConnectionLost("closed")
+        return message
+
+    async def finish(self) -> None:
+        self.incoming.put_nowait(None)
+
+    async def close(self) -> None:
+        self.incoming.put_nowait(None)
+
+
+class _Connector:
+    description = "memory"
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+
+    async def open(self) -> _Link:
+        return self.link
+
+
+async def bench_runtime(total: int, concurrency: int, batch: int) -> dict[str, Any]:
+    link = _Link(total, concurrency, batch)
+    runtime = ShepherdRuntime(_NullExecutor(), _Connector(link),
+                              RuntimeConfig(concurrency=concurrency, drain_timeout=5))
+    started = time.perf_counter()
+    cpu = time.process_time()
+    await runtime.start()
+    await asyncio.wait_for(link.done.wait(), 300)
+    elapsed = time.perf_counter() - started
+    cpu_used = time.process_time() - cpu
+    stats = dict(runtime.stats)
+    await runtime.stop(0)
+    return {"attempts": total, "concurrency": concurrency, "push_batch": batch,
+            "attempts_per_s": round(total / elapsed, 1),
+            "cpu_us_per_attempt": round(cpu_used / total * 1e6, 1),
+            "results_per_message": round(link.results / max(link.result_messages, 1), 1),
+            "acks_sent": stats["acks_sent"]}
+
+
+# -- system ------------------------------------------------------------------------------------
+
+
+def _counters(log: str) -> dict[str, int]:
+    match = re.findall(r"counters: (.*)", log)
+    if not match:
+        return {}
+    return {k: int(v) for k, v in (item.split("=") for item in match[-1].split())}
+
+
+async def bench_system(mode: str, sequential: int, burst: int, concurrency: int,
+                       log_dir: Path) -> dict[str, Any]:
+    from azolla import Client
+
+    port = _infra.free_port()
+    server = _infra.Proc("azolla-server", [
+        str(_infra.VENV_BIN / "azolla-server"), "--store", "memory", "--port", str(port),
+        "--log-format", "json", "--log-level", "warning"], log_dir / f"server-{mode}.log")
+    endpoint = f"http://127.0.0.1:{port}"
+    shepherd: _infra.Proc | None = None
+    try:
+        await _infra.wait_serving(endpoint, server)
+        shepherd = _infra.Proc("azolla-shepherd", [
+            *_infra.shepherd_argv(endpoint, mode, concurrency, "default"),
+            "--log-level", "info"], log_dir / f"shepherd-{mode}.log")
+        await _infra.wait_shepherds(endpoint, "default", 1, [shepherd])
+        async with Client.connect(endpoint) as client:
+            for _ in range(20):  # warm up
+                await (await client.submit_task("noop").submit()).wait()
+            latencies = []
+            for _ in range(sequential):
+                started = time.perf_counter()
+                result = await (await client.submit_task("noop").submit()).wait()
+                latencies.append(time.perf_counter() - started)
+                assert result.success, result.error
+            started = time.perf_counter()
+            handles = await client.submit_many("noop", [[] for _ in range(burst)])
+            results = await client.wait_many(handles)
+            elapsed = time.perf_counter() - started
+            assert all(r.success for r in results)
+        shepherd.stop()
+        counters = _counters(shepherd.log_path.read_text(errors="replace"))
+        shepherd = None
+    finally:
+        if shepherd is not None:
+            shepherd.stop()
+        server.stop()
+    messages = counters.get("result_messages", 0)
+    return {"mode": mode, "concurrency": concurrency,
+            "submit_to_result": summary_ms(latencies), "burst": burst,
+            "tasks_per_s": round(burst / elapsed, 1),
+            "results_per_message": round(counters.get("results_sent", 0) / messages, 1)
+            if messages else None,
+            "acks_sent": counters.get("acks_sent"), "counters": counters}
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": _infra.machine_info(), "settings": vars(args)}
+    modes = ["process", "pool"]
+    log_dir = Path(tempfile.mkdtemp(prefix="azolla-bench-shepherd-"))
+    if args.only in (None, "executor"):
+        out["executor"] = [await bench_executor(m, args.sequential, args.burst,
+                                                args.concurrency) for m in modes]
+        print(json.dumps(out["executor"], indent=1), flush=True)
+    if args.only in (None, "runtime"):
+        out["runtime"] = [await bench_runtime(args.burst * 5, args.concurrency, b)
+                          for b in (1, 64)]
+        print(json.dumps(out["runtime"], indent=1), flush=True)
+    if args.only in (None, "system"):
+        out["system"] = [await bench_system(m, args.sequential, args.burst, args.concurrency,
+                                            log_dir) for m in modes]
+        print(json.dumps(out["system"], indent=1), flush=True)
+    return out
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("executor", "runtime", "system"))
+    parser.add_argument("--sequential", type=int, default=200,
+                        help="one-at-a-time attempts for latency")
+    parser.add_argument("--burst", type=int, default=2000, help="attempts for throughput")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = parser.parse_args()
+    try:
+        result = asyncio.run(main(args))
+    finally:
+        _infra.kill_all()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    with contextlib.suppress(Exception):
+        os.sync()
+
+
+if __name__ == "__main__":
+    cli()
