@@ -94,6 +94,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="address-space limit per worker process, e.g. 512M or 2G (default: none)")
     add("--cpu-limit", type=int, metavar="S", help="CPU seconds per attempt (default: none)")
     add("--ca-file", metavar="FILE", help="PEM certificate authorities for https")
+    add("--cert-file", metavar="FILE",
+        help="PEM client certificate, for an orchestrator that requires mutual TLS")
+    add("--key-file", metavar="FILE", help="PEM private key of --cert-file")
     add("--token-file", metavar="FILE",
         help="file holding the bearer token (or set AZOLLA_TOKEN)")
     add("--log-level", choices=("debug", "info", "warning", "error"),
@@ -105,7 +108,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("orchestrator", "tasks", "domain", "group", "concurrency", "mode",
              "worker_command", "worker_stdin", "drain_timeout", "task_timeout", "memory_limit",
-             "cpu_limit", "ca_file", "token_file", "log_level")
+             "cpu_limit", "ca_file", "cert_file", "key_file", "token_file", "log_level")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

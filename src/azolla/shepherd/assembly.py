@@ -151,9 +151,11 @@ def _check_import_safe(file: Path) -> None:
 
 def connection_options(settings: ShepherdSettings) -> ConnectionOptions:
     """Return how to reach the orchestrator named in ``settings``."""
-    return ConnectionOptions(url=settings.orchestrator,
-                             root_certificates=settings.root_certificates(),
-                             token=settings.bearer_token())
+    return ConnectionOptions(
+        url=settings.orchestrator, root_certificates=settings.root_certificates(),
+        token=settings.bearer_token(),
+        certificate_chain=settings.cert_file.read_bytes() if settings.cert_file else None,
+        private_key=settings.key_file.read_bytes() if settings.key_file else None)
 
 
 def build_executor(settings: ShepherdSettings, sources: TaskSources) -> AttemptExecutor:

@@ -112,12 +112,16 @@ class ConnectionOptions:
         url: Orchestrator URL (see :func:`parse_orchestrator_url`).
         root_certificates: PEM certificate authorities for ``https`` (None: system roots).
         token: Bearer token sent as ``authorization: Bearer <token>`` metadata, or None.
+        certificate_chain: PEM client certificate for mutual TLS, or None.
+        private_key: PEM private key of ``certificate_chain``.
         channel_options: Extra gRPC channel arguments.
     """
 
     url: str = DEFAULT_ORCHESTRATOR_URL
     root_certificates: bytes | None = None
     token: str | None = field(default=None, repr=False)
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
     channel_options: Sequence[tuple[str, Any]] = ()
 
 
@@ -258,7 +262,9 @@ class GrpcConnector:
         ]
         if self.address.secure:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=self.options.root_certificates)
+                root_certificates=self.options.root_certificates,
+                private_key=self.options.private_key,
+                certificate_chain=self.options.certificate_chain)
             return grpc.aio.secure_channel(self.address.target, credentials,
                                            options=channel_options)
         return grpc.aio.insecure_channel(self.address.target, options=channel_options)

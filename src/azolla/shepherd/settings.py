@@ -97,6 +97,8 @@ class ShepherdSettings(BaseSettings):
         worker_stdin: Send the task to the worker command on stdin instead of ``--args`` and
             ``--kwargs`` (the worker must support it). None: only for ``azolla-worker``.
         ca_file: PEM file of the certificate authorities trusted for ``https``.
+        cert_file: PEM client certificate (chain) for orchestrators that require mutual TLS.
+        key_file: PEM private key of ``cert_file``.
         token: Bearer token sent in the ``authorization`` metadata of the stream.
         token_file: File holding the bearer token (preferred over ``token``: not visible in
             the environment of other processes).
@@ -134,6 +136,8 @@ class ShepherdSettings(BaseSettings):
     worker_command: str | None = None
     worker_stdin: bool | None = None
     ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
     token: SecretStr | None = None
     token_file: Path | None = None
     drain_timeout: float = Field(default=30.0, ge=0.0, le=86_400.0)
@@ -199,12 +203,14 @@ class ShepherdSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_files(self) -> ShepherdSettings:
-        for name in ("ca_file", "token_file"):
+        for name in ("ca_file", "cert_file", "key_file", "token_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: no such file: {path}")
         if self.token is not None and self.token_file is not None:
             raise ValueError("give token or token_file, not both")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
         return self
 
     @property
