@@ -6,8 +6,9 @@ failure reports with the current and with stale attempt numbers, shepherd loss, 
 cancel, clock advances, restart (rebuild every aggregate from its encoded events) — and checks
 the domain against a small independent model after every step.
 
-Budget: ``AZOLLA_STATEFUL_EXAMPLES`` examples (default 120) of up to 40 steps, derandomized,
-no example database, so CI runs are reproducible; ``scripts/mutation.sh`` lowers the budget.
+Budget: ``AZOLLA_STATEFUL_EXAMPLES`` examples (default 200) of up to 50 steps, derandomized,
+no example database, so CI runs are reproducible; ``scripts/mutation.sh`` lowers the budget,
+and under mutmut (``MUTANT_UNDER_TEST`` set) a failure is reported without shrinking it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -549,5 +550,9 @@ Lifecycle.TestCase.settings = settings(
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
+    # a mutant only has to be detected, not explained: shrinking would cost minutes per mutant
+    phases=(
+        [Phase.explicit, Phase.generate] if "MUTANT_UNDER_TEST" in os.environ else list(Phase)
+    ),
 )
 TestLifecycle = Lifecycle.TestCase
