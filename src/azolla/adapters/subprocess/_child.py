@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import faulthandler
 import fcntl
+import functools
 import io
 import os
 import resource
@@ -44,7 +45,7 @@ from azolla.adapters.subprocess.limits import (
 )
 from azolla.tasks import TaskContext, TaskOutcome, TaskRegistry, execute_sync
 
-__all__ = ["worker_entry"]
+__all__ = ["preload", "worker_entry"]
 
 REQUEST_FD = 3
 RESULT_FD = 4
@@ -131,9 +132,18 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def preload() -> None:
+    """Do, once in the fork server, the work every forked worker would otherwise repeat."""
+    _libc()
+
+
 def _prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
+    if _libc().prctl(option, value, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
 

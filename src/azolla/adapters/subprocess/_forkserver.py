@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import gc
 import os
 import selectors
@@ -95,12 +94,13 @@ class ForkServer:
             if entry not in sys.path:
                 sys.path.insert(0, entry)
         try:
-            from azolla.adapters.subprocess import _child  # noqa: F401 - warm the import
+            from azolla.adapters.subprocess import _child
             from azolla.adapters.subprocess.limits import ResourceLimits
             from azolla.tasks import load_modules
 
             self.registry = load_modules(message.get("modules", []))
             self.limits = ResourceLimits.from_dict(message.get("limits", {}))
+            _child.preload()
         except BaseException as exc:
             self.send(
                 {
@@ -113,8 +113,7 @@ class ForkServer:
         self.max_result_bytes = int(message["max_result_bytes"])
         self.max_request_bytes = int(message["max_request_bytes"])
         with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            _child._libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         gc.collect()
         gc.freeze()  # keep forked workers from copying pages just to update GC headers
         self.send({"op": "ready", "pid": os.getpid(), "tasks": self.registry.names()})

@@ -181,8 +181,13 @@ class PoolExecutor(ForkingExecutorBase):
                 return start_failed_outcome(request, self._start_error)
             else:
                 self._pending.append(attempt)
-                self._ensure_supervisor()
+                if self._supervisor is None:
+                    self._ensure_supervisor()
             kind = await attempt.event
+            result = attempt.frame
+            if kind == FRAME and result is not None and result[0] == KIND_OK:
+                # Hot path: the worker already went on with the next attempt.
+                return ExecutionOutcome(request.task_id, request.attempt, True, result[1:].decode())
             return await self._finish(attempt, kind)
         finally:
             self._end(attempt)

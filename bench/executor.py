@@ -1,0 +1,278 @@
+"""Throughput and per-attempt overhead of the shepherd's executors, without any gRPC.
+
+Drives :class:`~azolla.adapters.subprocess.PoolExecutor` and
+:class:`~azolla.adapters.subprocess.ProcessExecutor` directly with no-op attempts (``noop`` from
+``bench/tasks_noop.py``, which returns two floats), the way the shepherd runtime does: ``C``
+coroutines each await ``execute`` in a loop until ``N`` attempts have run. Each configuration
+runs on a fresh, warmed-up executor, ``--repeat`` times; the best and the median are printed.
+
+Reported per configuration:
+
+* ``attempts/s``: ``N`` / wall time;
+* ``wall us/att``: wall time per attempt at that concurrency (1e6 / attempts/s);
+* ``parent us``: CPU time (user + system) of this process per attempt: the shepherd side;
+* ``workers us``: CPU time of the worker processes per attempt (pool: the workers; process:
+  the fork server and the children it reaped);
+* with ``--latency``: one attempt at a time, p50/p99 of ``execute`` in microseconds.
+
+Usage::
+
+    .venv/bin/python bench/executor.py                       # the defaults below
+    .venv/bin/python bench/executor.py --attempts 20000 --concurrency 8,16,64 \\
+        --pool-sizes 2,4 --loops uvloop,asyncio --repeat 3 --json /tmp/executor.json
+
+This is a benchmark, not a test: nothing asserts a speed. Quote figures with the machine line
+it prints (CPU count, load average): on a shared 2-core machine they move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from azolla.adapters.subprocess import PoolExecutor, ProcessExecutor  # noqa: E402
+from azolla.domain.ports import ExecutionRequest  # noqa: E402
+
+TASKS = "bench.tasks_noop"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    """One measured configuration."""
+
+    mode: str
+    loop: str
+    workers: int
+    concurrency: int
+    attempts: int
+    runs: list[float]
+    attempts_per_s: float
+    median_attempts_per_s: float
+    wall_us_per_attempt: float
+    parent_cpu_us: float
+    workers_cpu_us: float
+    latency_p50_us: float | None = None
+    latency_p99_us: float | None = None
+
+
+def proc_cpu(pid: int, *, children: bool = False) -> float:
+    """CPU seconds of ``pid`` (plus its reaped children when ``children``)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / TICK
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def requests(count: int) -> list[ExecutionRequest]:
+    return [
+        ExecutionRequest(
+            task_id=str(uuid.uuid4()), attempt=1, name="noop", args="[]", kwargs="{}", timeout=60
+        )
+        for _ in range(count)
+    ]
+
+
+Executor = PoolExecutor | ProcessExecutor
+
+
+def make_executor(mode: str, workers: int) -> Executor:
+    sys_path = [str(ROOT), *sys.path]
+    if mode == "pool":
+        return PoolExecutor([TASKS], size=workers, sys_path=sys_path)
+    return ProcessExecutor([TASKS], sys_path=sys_path)
+
+
+def worker_cpu(executor: Executor) -> float:
+    if isinstance(executor, PoolExecutor):
+        return sum(proc_cpu(pid) for pid in executor.worker_pids)
+    pid = executor.fork_server_pid
+    return proc_cpu(pid, children=True) if pid else 0.0
+
+
+async def drive(executor: Executor, batch: list[ExecutionRequest], concurrency: int) -> int:
+    pending = iter(batch)
+    failures = 0
+
+    async def runner() -> None:
+        nonlocal failures
+        for request in pending:
+            outcome = await executor.execute(request)
+            if not outcome.ok:
+                failures += 1
+
+    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    return failures
+
+
+async def measure_once(
+    mode: str, workers: int, concurrency: int, attempts: int, latency: int
+) -> tuple[float, float, float, list[float]]:
+    executor = make_executor(mode, workers)
+    await executor.start()
+    try:
+        await drive(executor, requests(min(500, attempts)), concurrency)  # warm up
+        batch = requests(attempts)
+        cpu_parent, cpu_workers = self_cpu(), worker_cpu(executor)
+        started = time.perf_counter()
+        failures = await drive(executor, batch, concurrency)
+        wall = time.perf_counter() - started
+        parent = self_cpu() - cpu_parent
+        workers_cpu = worker_cpu(executor) - cpu_workers
+        if failures:
+            raise RuntimeError(f"{failures} attempts failed")
+        samples: list[float] = []
+        for request in requests(latency):
+            t0 = time.perf_counter()
+            await executor.execute(request)
+            samples.append((time.perf_counter() - t0) * 1e6)
+        return attempts / wall, parent / attempts * 1e6, workers_cpu / attempts * 1e6, samples
+    finally:
+        await executor.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def run_with(loop_name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    if loop_name == "uvloop":
+        import uvloop
+
+        return uvloop.run(factory())
+    return asyncio.run(factory())
+
+
+def measure(
+    mode: str,
+    loop_name: str,
+    workers: int,
+    concurrency: int,
+    attempts: int,
+    repeat: int,
+    latency: int,
+) -> Result:
+    runs: list[tuple[float, float, float, list[float]]] = []
+    for _ in range(repeat):
+        runs.append(
+            run_with(
+                loop_name,
+                lambda: measure_once(mode, workers, concurrency, attempts, latency),
+            )
+        )
+    best = max(runs, key=lambda r: r[0])
+    samples = [s for r in runs for s in r[3]]
+    return Result(
+        mode=mode,
+        loop=loop_name,
+        workers=workers,
+        concurrency=concurrency,
+        attempts=attempts,
+        runs=[round(r[0]) for r in runs],
+        attempts_per_s=round(best[0]),
+        median_attempts_per_s=round(statistics.median(r[0] for r in runs)),
+        wall_us_per_attempt=round(1e6 / best[0], 1),
+        parent_cpu_us=round(best[1], 1),
+        workers_cpu_us=round(best[2], 1),
+        latency_p50_us=round(percentile(samples, 50)) if samples else None,
+        latency_p99_us=round(percentile(samples, 99)) if samples else None,
+    )
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attempts", type=int, default=20000, help="attempts per pool run")
+    parser.add_argument("--process-attempts", type=int, default=1000,
+                        help="attempts per process-mode run (a fork each)")  # fmt: skip
+    parser.add_argument("--concurrency", default="8,16,64")
+    parser.add_argument("--pool-sizes", default="2,4")
+    parser.add_argument("--modes", default="pool,process")
+    parser.add_argument("--loops", default="uvloop,asyncio")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency", type=int, default=200,
+                        help="sequential attempts for latency percentiles (0: skip)")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    options = parser.parse_args()
+
+    concurrencies = [int(c) for c in options.concurrency.split(",")]
+    before = machine()
+    print(f"machine: {before}")
+    header = (
+        f"{'mode':8} {'loop':8} {'workers':>7} {'conc':>5} {'attempts':>8} "
+        f"{'att/s best':>10} {'median':>8} {'wall us':>8} {'parent us':>9} {'workers us':>10} "
+        f"{'p50 us':>7} {'p99 us':>7}"
+    )
+    print(header)
+    results: list[Result] = []
+    for loop_name in options.loops.split(","):
+        for mode in options.modes.split(","):
+            sizes = [int(s) for s in options.pool_sizes.split(",")] if mode == "pool" else [0]
+            attempts = options.attempts if mode == "pool" else options.process_attempts
+            for workers in sizes:
+                for concurrency in concurrencies:
+                    result = measure(
+                        mode,
+                        loop_name,
+                        workers,
+                        concurrency,
+                        attempts,
+                        options.repeat,
+                        options.latency,
+                    )
+                    results.append(result)
+                    print(
+                        f"{mode:8} {loop_name:8} {workers or '-':>7} {concurrency:>5} "
+                        f"{attempts:>8} {result.attempts_per_s:>10} "
+                        f"{result.median_attempts_per_s:>8} {result.wall_us_per_attempt:>8} "
+                        f"{result.parent_cpu_us:>9} {result.workers_cpu_us:>10} "
+                        f"{result.latency_p50_us or '-':>7} {result.latency_p99_us or '-':>7}",
+                        flush=True,
+                    )
+    after = machine()
+    print(f"load average after: {after['load_average']}")
+    if options.json:
+        report = {
+            "machine": before,
+            "load_after": after["load_average"],
+            "results": [asdict(r) for r in results],
+        }
+        options.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
