@@ -12,6 +12,7 @@ import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +25,12 @@ from azolla.adapters.subprocess.limits import ResourceLimits
 __all__ = ["ChildProcess", "ForkServerClient", "WorkerStartError", "signal_group"]
 
 _READ_CHUNK = 1 << 16
+#: The directory holding the ``azolla`` package, so the fork server finds it without PYTHONPATH.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
+_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from azolla.adapters.subprocess._forkserver import main; main(sys.argv[2:])"
+)
 
 
 class WorkerStartError(RuntimeError):
@@ -355,8 +362,9 @@ class ForkServerClient:
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.python,
-                "-m",
-                "azolla.adapters.subprocess._forkserver",
+                "-c",
+                _BOOTSTRAP,
+                _PACKAGE_ROOT,
                 str(child_sock.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -413,6 +421,10 @@ class ForkServerClient:
     # -- control socket --------------------------------------------------------------------
 
     def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        if self._sock is None:
+            for fd in fds or ():
+                os.close(fd)
+            return
         self._outbox.append((orjson.dumps(message), fds or []))
         if len(self._outbox) == 1:
             self._flush()
@@ -538,6 +550,8 @@ class ForkServerClient:
         await self.ensure_started()
         loop = self._loop
         assert loop is not None
+        if not self._alive or self._sock is None:  # died since ensure_started() returned
+            raise WorkerStartError("the fork server died")
         req_r, req_w = os.pipe2(os.O_CLOEXEC)
         res_r, res_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -1,8 +1,8 @@
 """The fork server: imports the task modules once, then forks a worker per request.
 
-Started by the shepherd as ``python -m azolla.adapters.subprocess._forkserver <control-fd>``
-(with a clean environment, in its own session). The control descriptor is a
-``SOCK_SEQPACKET`` Unix socket; every message is one orjson object.
+Started by the shepherd as ``python -c <bootstrap> <package-dir> <control-fd>`` (with a clean
+environment, in its own session), which imports this module and calls :func:`main`. The control
+descriptor is a ``SOCK_SEQPACKET`` Unix socket; every message is one orjson object.
 
 Shepherd -> fork server:
 
