@@ -208,10 +208,10 @@ async def bench_runtime(total: int, concurrency: int, batch: int) -> dict[str, A
 
 
 def _counters(log: str) -> dict[str, int]:
-    match = re.findall(r"counters: (.*)", log)
-    if not match:
+    lines = [line for line in log.splitlines() if "counters:" in line]
+    if not lines:
         return {}
-    return {k: int(v) for k, v in (item.split("=") for item in match[-1].split())}
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", lines[-1].split("counters:")[1])}
 
 
 async def bench_system(mode: str, sequential: int, burst: int, concurrency: int,

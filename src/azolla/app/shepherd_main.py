@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from azolla.app.logging import configure_logging
 from azolla.shepherd.assembly import TaskSources, resolve_task_sources, shepherd_version
 from azolla.shepherd.settings import (
     ExecutionMode,
@@ -99,16 +100,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     add("--key-file", metavar="FILE", help="PEM private key of --cert-file")
     add("--token-file", metavar="FILE",
         help="file holding the bearer token (or set AZOLLA_TOKEN)")
+    add("--log-format", choices=("auto", "console", "json"),
+        help="log format (default auto: console on a terminal, else JSON)")
     add("--log-level", choices=("debug", "info", "warning", "error"),
         help="lowest level logged (default info)")
-    add("--version", action="version", version=f"%(prog)s {shepherd_version()}")
+    add("--version", action="version", version=shepherd_version())
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("orchestrator", "tasks", "domain", "group", "concurrency", "mode",
              "worker_command", "worker_stdin", "drain_timeout", "task_timeout", "memory_limit",
-             "cpu_limit", "ca_file", "cert_file", "key_file", "token_file", "log_level")
+             "cpu_limit", "ca_file", "cert_file", "key_file", "token_file", "log_format",
+             "log_level")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -153,14 +157,6 @@ async def serve(settings: ShepherdSettings, sources: TaskSources, *,
     return 0
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
-    for noisy in ("asyncio", "grpc._cython"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``azolla-shepherd``; returns (and exits with) the exit code."""
     try:
@@ -168,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, UsageError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         raise SystemExit(2) from None
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_format, settings.log_level.lower())
     try:
         code = asyncio.run(serve(settings, sources))
     except UsageError as exc:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -117,6 +117,7 @@ class ShepherdSettings(BaseSettings):
         max_attempts_per_worker: In pool mode, replace a worker after this many attempts.
         allow_env: Environment variables passed to workers although the clean-environment
             rule would drop them (comma separated in ``AZOLLA_ALLOW_ENV``).
+        log_format: ``console``, ``json``, or ``auto`` (console on a terminal, else JSON).
         log_level: Logging level name.
     """
 
@@ -151,6 +152,7 @@ class ShepherdSettings(BaseSettings):
     kill_grace: float = Field(default=2.0, ge=0.0, le=600.0)
     max_attempts_per_worker: int | None = Field(default=None, ge=1)
     allow_env: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_format: Literal["auto", "console", "json"] = "auto"
     log_level: str = "INFO"
 
     @field_validator("memory_limit", mode="before")
