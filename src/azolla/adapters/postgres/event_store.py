@@ -449,6 +449,9 @@ class PostgresEventStore:
         Args:
             events: The events; all are committed in one transaction, or none.
 
+        A caller cancelled before its batch is sent records nothing; one cancelled later may
+        still have its events recorded (as with any database call).
+
         Returns:
             The positions assigned, in the order of ``events``.
 
