@@ -617,6 +617,8 @@ class ShepherdRuntime:
             self._start_queued()
             if not self._running and not self._queued:
                 self._idle.set()
+                if self._final:
+                    self._wake.set()  # the writer may now close the stream
         if attempt.discard:
             self.stats["results_discarded"] += 1
             return
