@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from azolla.adapters.grpc.pb import orchestrator_pb2 as opb
+from azolla.shepherd import runtime as runtime_module
 from azolla.shepherd.runtime import Backoff, RuntimeConfig, RuntimeState, ShepherdRuntime
 
 from ._fakes import FakeConnector, FakeLink, ScriptedExecutor, task
@@ -470,3 +471,25 @@ async def test_an_orchestrator_that_never_pings_is_not_timed_out(
         assert len(connector.all_links) == 1
     finally:
         await rt.stop(0)
+
+
+@pytest.mark.skipif(not runtime_module._WIRE_HAS_DRAIN_SIGNAL,
+                    reason="the wire contract has no Status.draining yet")
+async def test_with_a_drain_signal_outcomes_are_reported_at_once(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    rt = ShepherdRuntime(executor, connector, config())
+    await rt.start()
+    link, _ = await connector.accept()
+    link.hello_ack()
+    link.push_tasks(task("a", "wait"), task("b", "wait"))
+    await executor.wait_started("a")
+    await executor.wait_started("b")
+    stopping = asyncio.create_task(rt.stop(drain_timeout=10))
+    status = await link.next_message("status")
+    assert getattr(status.status, runtime_module._DRAIN_FIELD) is True
+    executor.release("a")
+    (first,) = await link.results(1)  # not held: the orchestrator assigns no more work
+    assert first.task_id == "a"
+    executor.release("b")
+    await link.results(1)
+    await asyncio.wait_for(stopping, 10)
