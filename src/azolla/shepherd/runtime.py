@@ -115,7 +115,9 @@ class RuntimeConfig:
         hello_ack_timeout: How long to wait for a ``HelloAck`` before speaking the original
             (unbatched) protocol.
         default_heartbeat_interval: Status interval until the orchestrator says otherwise.
-        redeliver_window: Outcomes sent this recently are offered again after a broken stream.
+        redeliver_window: Outcomes sent this recently are offered again after a broken stream
+            (at most ``max_buffered_results`` of them). It covers the time an orchestrator may
+            hold a result before committing it (it retries a failing store for 30 s).
         max_message_bytes: Largest stream message written (batches are split below it).
         max_result_bytes: A single result larger than this is replaced by a
             ``ResultTooLarge`` error (a larger message would be refused by the orchestrator
@@ -779,7 +781,8 @@ class ShepherdRuntime:
     def _prune_sent(self, now: float) -> None:
         cutoff = now - self.config.redeliver_window
         sent = self._sent
-        while sent and sent[0][0] < cutoff:
+        limit = self.config.max_buffered_results
+        while sent and (sent[0][0] < cutoff or len(sent) > limit):
             sent.popleft()
 
     # -- shutdown -----------------------------------------------------------------------------
