@@ -305,9 +305,13 @@ class PostgresEventStore:
         self._loop = asyncio.get_running_loop()
         try:
             conn = await self._connect()
-            if migrate:
-                await _apply_migrations(conn)
-            await self._setup_writer(conn)
+            try:
+                if migrate:
+                    await _apply_migrations(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            await self._setup_writer(conn)  # terminates the connection if it fails
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=1,
@@ -446,11 +450,11 @@ class PostgresEventStore:
     async def append(self, events: Sequence[NewEvent]) -> list[int]:
         """Append ``events`` atomically; return their positions once committed.
 
-        Args:
-            events: The events; all are committed in one transaction, or none.
-
         A caller cancelled before its batch is sent records nothing; one cancelled later may
         still have its events recorded (as with any database call).
+
+        Args:
+            events: The events; all are committed in one transaction, or none.
 
         Returns:
             The positions assigned, in the order of ``events``.
@@ -468,8 +472,9 @@ class PostgresEventStore:
         n = len(events)
         if n == 0:
             return []
-        if self._unavailable is not None:
-            raise StoreUnavailable(f"event store unavailable: {self._unavailable}")
+        if self._unavailable is not None or self._closing:
+            reason = "event store is closed" if self._closing else self._unavailable
+            raise StoreUnavailable(f"event store unavailable: {reason}")
         queued = self._queued_events
         if queued + n > self._queue_limit and queued > 0:
             raise StoreOverloaded(
@@ -503,6 +508,7 @@ class PostgresEventStore:
 
     async def _writer_main(self) -> None:
         loop = asyncio.get_running_loop()
+        batch: list[_Pending] = []
         try:
             while True:
                 conn = self._conn
@@ -533,12 +539,16 @@ class PostgresEventStore:
                 batch = self._take_batch()
                 if batch:
                     await self._commit(batch)
+                batch = []
         except asyncio.CancelledError:
+            error = StoreUnavailable("event store is closed (the commit outcome is unknown)")
+            self._settle_error(batch, error)
             self._fail_queued(StoreUnavailable("event store is closed"))
             raise
         except BaseException as exc:  # pragma: no cover - a bug; never leave callers hanging
             _log.exception("event store writer crashed")
             self._unavailable = f"writer crashed: {exc!r}"
+            self._settle_error(batch, StoreUnavailable(f"event store writer crashed: {exc!r}"))
             self._fail_queued(StoreUnavailable(f"event store writer crashed: {exc!r}"))
             raise
 
