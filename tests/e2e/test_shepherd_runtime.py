@@ -324,8 +324,9 @@ async def test_a_killed_shepherds_attempt_is_retried_on_another(
     await eventually(lambda: gone(worker_pid), what="the orphaned worker to end")
 
 
+@pytest.mark.parametrize("how", ["kill -9", "sigterm"])
 async def test_outcomes_survive_an_orchestrator_restart_exactly_once(
-        fresh_database_url: str, shepherds: Shepherds, tmp_path: Path) -> None:
+        fresh_database_url: str, shepherds: Shepherds, tmp_path: Path, how: str) -> None:
     server = ServerProc(fresh_database_url)
     restarted: ServerProc | None = None
     try:
@@ -342,7 +343,10 @@ async def test_outcomes_survive_an_orchestrator_restart_exactly_once(
                           .retry_policy(fixed(1)).submit())
             await marker_pid(short_marker)
             await marker_pid(long_marker)
-        server.kill()  # kill -9: no goodbye to the shepherd
+        if how == "kill -9":
+            server.kill()  # no goodbye to the shepherd
+        else:
+            await asyncio.to_thread(server.stop)  # a clean shutdown closes the streams
         await asyncio.sleep(1.5)  # the short attempt ends while no orchestrator runs
         assert shepherd.process.poll() is None
         restarted = ServerProc(fresh_database_url, port=server.port)
