@@ -84,10 +84,22 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def make_events(count: int, day: int) -> Iterator[NewEvent]:
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUIDv7, like the orchestrator's task ids."""
+    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    raw[6] = 0x70 | (raw[6] & 0x0F)
+    raw[8] = 0x80 | (raw[8] & 0x3F)
+    return uuid.UUID(bytes=bytes(raw))
+
+
+ID_FACTORIES = {"uuid7": uuid7, "uuid4": uuid.uuid4}
+
+
+def make_events(count: int, day: int, ids: str = "uuid7") -> Iterator[NewEvent]:
     """Fresh single-event task streams (version 1 of new streams)."""
+    new_id = ID_FACTORIES[ids]
     for _ in range(count):
-        yield NewEvent(uuid.uuid4(), 1, "TaskSubmitted.v1", PAYLOAD, "bench", day)
+        yield NewEvent(new_id(), 1, "TaskSubmitted.v1", PAYLOAD, "bench", day)
 
 
 def backend_cpu_seconds(pid: int) -> float:
@@ -118,12 +130,13 @@ async def run_phase(
     per_call: int,
     total_events: int,
     day: int,
+    ids: str = "uuid7",
 ) -> PhaseResult:
     """Run ``producers`` concurrent loops of ``append`` calls of ``per_call`` events each."""
     calls_per_producer = max(1, total_events // (producers * per_call))
     # Build the events first: the benchmark measures the store, not uuid4().
     work = [
-        [list(make_events(per_call, day)) for _ in range(calls_per_producer)]
+        [list(make_events(per_call, day, ids)) for _ in range(calls_per_producer)]
         for _ in range(producers)
     ]
     latencies: list[float] = []
@@ -260,10 +273,14 @@ async def main_async(args: argparse.Namespace) -> int:
             await run_phase(store, url, "warmup", 8, 1, 4000, day)
             for _ in range(args.repeat):
                 if args.single:
-                    results.append(await run_phase(store, url, "single", 1, 1, args.single, day))
+                    results.append(
+                        await run_phase(store, url, "single", 1, 1, args.single, day, args.ids)
+                    )
                 if args.events:
                     results.append(
-                        await run_phase(store, url, "load", args.producers, 1, args.events, day)
+                        await run_phase(
+                            store, url, "load", args.producers, 1, args.events, day, args.ids
+                        )
                     )
                 if args.events and args.batch_events > 1:
                     results.append(
@@ -275,6 +292,7 @@ async def main_async(args: argparse.Namespace) -> int:
                             args.batch_events,
                             args.events,
                             day,
+                            args.ids,
                         )
                     )
         finally:
@@ -287,7 +305,8 @@ async def main_async(args: argparse.Namespace) -> int:
     print("# server: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     print(
         f"# store: max_batch={args.max_batch} max_linger={args.max_linger} "
-        f"cross_process_lock={not args.no_lock} notify={not args.no_notify}"
+        f"cross_process_lock={not args.no_lock} notify={not args.no_notify} "
+        f"stream ids={args.ids} payload={len(PAYLOAD)} B"
     )
     print_table(results)
     if args.json:
@@ -320,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-notify", action="store_true", help="no NOTIFY per batch")
     parser.add_argument("--repeat", type=int, default=1, help="run the phases this many times")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--ids", choices=sorted(ID_FACTORIES), default="uuid7", help="stream id kind"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
