@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -46,6 +47,8 @@ __all__ = [
     "decide_lost_retry",
     "decide_retry",
     "has_attempts_left",
+    "policy_from_dict",
+    "policy_to_dict",
     "retry_delay",
 ]
 
@@ -116,6 +119,23 @@ class RetryPolicy(BaseModel):
 
 
 DEFAULT_POLICY = RetryPolicy()
+_DEFAULT_DICT = DEFAULT_POLICY.to_dict()
+
+
+@lru_cache(maxsize=256)
+def policy_to_dict(policy: RetryPolicy) -> dict[str, Any]:
+    """Return the JSON form of ``policy`` (cached: policies are immutable).
+
+    The returned dict is shared; callers must not modify it.
+    """
+    return policy.to_dict()
+
+
+def policy_from_dict(raw: dict[str, Any]) -> RetryPolicy:
+    """Build a policy from its JSON form (the default policy is reused, not re-validated)."""
+    if raw == _DEFAULT_DICT:
+        return DEFAULT_POLICY
+    return RetryPolicy.model_validate(raw)
 
 
 @dataclass(frozen=True, slots=True)

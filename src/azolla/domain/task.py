@@ -16,10 +16,13 @@ from eventsourcing.domain import Aggregate
 
 from azolla.domain.errors import InvalidTransition, StaleAttempt, TaskAlreadyTerminal
 from azolla.domain.retry import (
+    DEFAULT_POLICY,
     RetryPolicy,
     decide_lost_retry,
     decide_retry,
     has_attempts_left,
+    policy_from_dict,
+    policy_to_dict,
 )
 from azolla.domain.values import (
     DEFAULT_GROUP,
@@ -219,7 +222,7 @@ class Task(Aggregate):
         self.group = group
         self.args = args
         self.kwargs = kwargs
-        self.policy = RetryPolicy.model_validate(retry_policy)
+        self.policy = policy_from_dict(retry_policy)
         self.idempotency_key = idempotency_key
         self.priority = priority
         self.not_before = not_before
@@ -263,7 +266,7 @@ class Task(Aggregate):
             group=group,
             args=args,
             kwargs=kwargs,
-            retry_policy=(policy or RetryPolicy()).to_dict(),
+            retry_policy=policy_to_dict(policy or DEFAULT_POLICY),
             idempotency_key=idempotency_key,
             priority=priority,
             not_before=not_before,
