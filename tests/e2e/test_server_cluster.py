@@ -17,7 +17,7 @@ from azolla.adapters.grpc.pb import orchestrator_pb2 as pbo
 pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
 
-@pytest.fixture(params=["memory", "postgres"])
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def srv(request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
     server = await start_server(store_settings(request, request.param))
     try:

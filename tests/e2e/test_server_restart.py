@@ -8,7 +8,7 @@ from _server_harness import start_server, store_settings, wait_state
 from azolla.adapters.grpc.pb import common_pb2 as pbc
 from azolla.adapters.grpc.pb import orchestrator_pb2 as pbo
 
-pytestmark = [pytest.mark.grpc, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.grpc, pytest.mark.postgres, pytest.mark.timeout(90)]
 
 
 def _comparable(status: pbo.GetTaskStatusResponse) -> pbo.GetTaskStatusResponse:
