@@ -118,6 +118,8 @@ def grpc_options(settings: Settings) -> GrpcServerOptions:
         max_message_bytes=settings.max_message_mb * 1024 * 1024,
         max_batch=settings.max_batch,
         shutdown_grace=settings.shutdown_grace_seconds,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        hello_timeout=settings.hello_timeout_ms / 1000.0,
     )
 
 
@@ -215,7 +217,12 @@ async def serve_metrics(orchestrator: Orchestrator,
         yield None
         return
     metrics = OrchestratorMetrics(orchestrator)
-    port = metrics.start_http(settings.metrics_port, settings.metrics_host)
+    try:
+        port = metrics.start_http(settings.metrics_port, settings.metrics_host)
+    except OSError as exc:
+        metrics.close()
+        raise OSError(f"cannot serve metrics on {settings.metrics_host}:"
+                      f"{settings.metrics_port}: {exc.strerror or exc}") from None
     log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, port)
     try:
         yield metrics
