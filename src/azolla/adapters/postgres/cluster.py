@@ -691,12 +691,29 @@ class LocalCluster:
 
         Output goes to a file, never a pipe: ``pg_ctl start`` leaves a daemon behind that must
         not hold our pipe open.
+
+        When root, the user is switched by ``setpriv`` (or ``runuser``) rather than by
+        ``subprocess``'s ``user=``: with ``user=`` Python must ``fork()`` instead of ``vfork()``,
+        and a full fork of a process with busy gRPC threads can crash the child (gRPC's fork
+        handlers), which made ``pg_ctl`` die with SIGSEGV in tests that run gRPC in-process.
         """
         user = self._as_user
+        name = Path(argv[0]).name
         env = dict(os.environ)
         env.pop("PGDATA", None)
+        uid: int | None = None
+        gid: int | None = None
+        groups: list[int] | None = None
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+            setpriv, runuser = shutil.which("setpriv"), shutil.which("runuser")
+            if setpriv:
+                argv = [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                        "--init-groups", "--", *argv]  # fmt: skip
+            elif runuser:
+                argv = [runuser, "-u", user.pw_name, "--", *argv]
+            else:
+                uid, gid, groups = user.pw_uid, user.pw_gid, []
         try:
             return subprocess.run(
                 argv,
@@ -707,16 +724,16 @@ class LocalCluster:
                 check=False,
                 env=env,
                 cwd=str(self.data_dir) if user is not None and self.data_dir.is_dir() else None,
-                user=user.pw_uid if user is not None else None,
-                group=user.pw_gid if user is not None else None,
-                extra_groups=[] if user is not None else None,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
             )
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(
-                f"{Path(argv[0]).name} timed out after {timeout:.0f}s\n{_tail(self.log_path)}"
+                f"{name} timed out after {timeout:.0f}s\n{_tail(self.log_path)}"
             ) from exc
         except OSError as exc:
-            raise ClusterError(f"could not run {argv[0]}: {exc}") from exc
+            raise ClusterError(f"could not run {name}: {exc}") from exc
 
     def _prepare_dir(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
