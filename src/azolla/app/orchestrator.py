@@ -212,6 +212,11 @@ class _Connect(_Command):
 
 
 @dataclass(eq=False)
+class _Drain(_Command):
+    session: ShepherdSession | None = None
+
+
+@dataclass(eq=False)
 class _Disconnect(_Command):
     session: ShepherdSession | None = None
     reason: str = ""
@@ -620,6 +625,11 @@ class Orchestrator:
         session.last_seen = self.clock.now()
         await self._call(_Acks(session=session, acks=acks))
 
+    async def drain_shepherd(self, session: ShepherdSession) -> None:
+        """Send the shepherd no more work; it finishes (and reports) what it runs."""
+        session.last_seen = self.clock.now()
+        await self._call(_Drain(session=session))
+
     def heartbeat(self, session: ShepherdSession) -> None:
         """Note that the shepherd is alive (in memory only)."""
         session.last_seen = self.clock.now()
@@ -683,8 +693,19 @@ class Orchestrator:
         while self._inbox and len(commands) < limit:
             commands.append(self._inbox.popleft())
         batch = _Batch()
-        for command in commands:
-            await self._decide(command, batch, now)
+        for index, command in enumerate(commands):
+            try:
+                await self._decide(command, batch, now)
+            except Exception as exc:  # a bug, or a value the domain did not foresee
+                # Undo the step as a failed commit would, fail only this command, and decide
+                # the ones after it again: they must not wait forever for an answer.
+                log.exception("deciding %s failed; the step is undone", type(command).__name__)
+                self._rollback(batch, StoreUnavailable(
+                    "the server could not decide this step; nothing was recorded, retry"))
+                _fail(command.future, AzollaDomainError(
+                    f"internal error while deciding ({type(exc).__name__}); see the server log"))
+                self._inbox.extendleft(reversed(commands[index + 1:]))
+                return
         await self._expire(batch, now)
         self._dispatch_wanted = False
         self._dispatch(batch, now)
@@ -819,6 +840,8 @@ class Orchestrator:
                 await self._decide_connect(command, batch, now)
             elif isinstance(command, _Disconnect):
                 await self._decide_disconnect(command, batch, now)
+            elif isinstance(command, _Drain):
+                self._decide_drain(command, batch, now)
         except AzollaDomainError as exc:
             _fail(command.future, exc)
 
@@ -1032,6 +1055,18 @@ class Orchestrator:
             _settle(future, session)
 
         batch.on_commit.append(connected)
+        batch.on_failure.append(lambda exc: _fail(future, exc))
+
+    def _decide_drain(self, command: _Drain, batch: _Batch, now: float) -> None:
+        session = command.session
+        assert session is not None
+        shepherd = session.shepherd
+        if not session.closed and shepherd.state is ShepherdState.CONNECTED:
+            shepherd.drain(now)
+            batch.touched_shepherds.add(shepherd.shepherd_uuid)
+            batch.add(encode_pending_with_payloads(shepherd))
+        future = command.future
+        batch.on_commit.append(lambda: _settle(future, None))
         batch.on_failure.append(lambda exc: _fail(future, exc))
 
     async def _decide_disconnect(self, command: _Disconnect, batch: _Batch, now: float) -> None:

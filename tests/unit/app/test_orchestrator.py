@@ -545,3 +545,21 @@ async def test_requeue_failed_task_is_a_new_task_once(orch: Orchestrator) -> Non
     [queued] = await orch.submit([SubmitRequest(name="nobody-runs-this", group="none")])
     with pytest.raises(InvalidTransition):
         await orch.requeue("default", queued.task_id)
+
+
+async def test_a_draining_shepherd_gets_no_more_work(orch: Orchestrator) -> None:
+    transport = InProcessTransport("d")
+    session = await orch.connect_shepherd(ShepherdHello("d", capacity=4), transport)
+    [first] = await orch.submit([SubmitRequest(name="t")])
+    kind, [request] = await asyncio.wait_for(transport.inbox.get(), 5)
+    await orch.drain_shepherd(session)
+    [second] = await orch.submit([SubmitRequest(name="t")])
+    await orch.idle()
+    assert transport.inbox.empty()
+    # What it already runs still completes normally.
+    await orch.report_results(session, [ReportedOutcome(request.task_id, 1, True, "1")])
+    outcome = await orch.wait("default", first.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.SUCCEEDED
+    assert (await orch.status("default", second.task_id)).state is TaskState.QUEUED
+    assert "ShepherdDrained.v1" in [e.type for e in await orch.store.read_all(0, 1000)]

@@ -969,17 +969,21 @@ class Status(_message.Message):
 
     CURRENT_LOAD_FIELD_NUMBER: _builtins.int
     AVAILABLE_CAPACITY_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     current_load: _builtins.int
     available_capacity: _builtins.int
+    draining: _builtins.bool
+    """Extension: the shepherd is shutting down; send it no more work (it finishes what it has)."""
     def __init__(
         self,
         *,
         current_load: _builtins.int = ...,
         available_capacity: _builtins.int = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_capacity", b"available_capacity", "current_load", b"current_load"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_capacity", b"available_capacity", "current_load", b"current_load", "draining", b"draining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
