@@ -551,7 +551,7 @@ async def test_a_draining_shepherd_gets_no_more_work(orch: Orchestrator) -> None
     transport = InProcessTransport("d")
     session = await orch.connect_shepherd(ShepherdHello("d", capacity=4), transport)
     [first] = await orch.submit([SubmitRequest(name="t")])
-    kind, [request] = await asyncio.wait_for(transport.inbox.get(), 5)
+    _, [request] = await asyncio.wait_for(transport.inbox.get(), 5)
     await orch.drain_shepherd(session)
     [second] = await orch.submit([SubmitRequest(name="t")])
     await orch.idle()

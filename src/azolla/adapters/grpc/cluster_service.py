@@ -2,7 +2,8 @@
 
 Protocol (see ``docs/wire.md``):
 
-1. The shepherd's first message must be ``Hello`` (else ``FAILED_PRECONDITION``). The server
+1. The shepherd's first message must be ``Hello`` (else ``FAILED_PRECONDITION``), sent within
+   ``hello_timeout`` seconds (else ``DEADLINE_EXCEEDED``). The server
    registers the shepherd with the orchestrator and answers ``HelloAck`` (heartbeat interval and
    timeout, and the reported attempts the shepherd must stop).
 2. The server pushes attempts: shepherds whose Hello says ``accepts_batches`` get ``TaskBatch``
@@ -157,15 +158,19 @@ class ClusterService(orchestrator_pb2_grpc.ClusterServiceServicer):
         report_retry_seconds: How long to keep retrying to record a message's results while
             the store is unavailable, before closing the stream.
         max_tasks_per_message: Most tasks in one ``TaskBatch``.
+        hello_timeout: Seconds a new stream may take to send its ``Hello``; a stream that
+            stays silent longer is ended with ``DEADLINE_EXCEEDED``.
     """
 
     def __init__(self, orchestrator: Orchestrator, *, ping_interval: float = 5.0,
                  report_retry_seconds: float = 30.0,
-                 max_tasks_per_message: int = MAX_TASKS_PER_MESSAGE) -> None:
+                 max_tasks_per_message: int = MAX_TASKS_PER_MESSAGE,
+                 hello_timeout: float = 10.0) -> None:
         self.orchestrator = orchestrator
         self.ping_interval = ping_interval
         self.report_retry_seconds = report_retry_seconds
         self.max_tasks_per_message = max_tasks_per_message
+        self.hello_timeout = hello_timeout
         self._transports: set[GrpcShepherdTransport] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._draining = False
@@ -191,9 +196,14 @@ class ClusterService(orchestrator_pb2_grpc.ClusterServiceServicer):
         """Serve one shepherd stream (see the module docstring)."""
         incoming = aiter(request_iterator)
         try:
-            first = await anext(incoming)
+            async with asyncio.timeout(self.hello_timeout):
+                first = await anext(incoming)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Hello within {self.hello_timeout:g} s of opening the "
+                                "ClusterService stream")
         if first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the first message on a ClusterService stream must be Hello, "
@@ -242,6 +252,7 @@ class ClusterService(orchestrator_pb2_grpc.ClusterServiceServicer):
         orchestrator = self.orchestrator
         reason = "the shepherd closed the stream"
         in_flight: set[asyncio.Task[None]] = set()
+        draining = False
         try:
             async for message in incoming:
                 orchestrator.heartbeat(session)
@@ -259,6 +270,9 @@ class ClusterService(orchestrator_pb2_grpc.ClusterServiceServicer):
                 elif kind == "acks":
                     call = self._ack(session, [(a.task_id, a.attempt_number)
                                                for a in message.acks.acks])
+                elif kind == "status" and message.status.draining and not draining:
+                    draining = True
+                    call = orchestrator.drain_shepherd(session)
                 elif kind == "hello":
                     reason = "protocol error: a second Hello on one stream"
                     break
