@@ -154,6 +154,10 @@ class Settings(BaseSettings):
         max_message_mb: Largest gRPC message, in MiB.
         max_batch: Most tasks in one CreateTasks request.
         max_payload_bytes: Largest args plus kwargs of one task, in bytes.
+        max_concurrent_rpcs: Most RPCs (streams included) served at once; further calls are
+            answered RESOURCE_EXHAUSTED.
+        hello_timeout_ms: Time a new shepherd stream may take to send its Hello before the
+            server ends it.
         queue_limit: Most events waiting to be committed before submissions are refused with
             RESOURCE_EXHAUSTED (backpressure).
         pool_size: Read connections to PostgreSQL.
@@ -198,6 +202,8 @@ class Settings(BaseSettings):
     max_message_mb: int = Field(default=64, ge=1, le=2047)
     max_batch: int = Field(default=10_000, ge=1, le=1_000_000)
     max_payload_bytes: int = Field(default=1 << 20, ge=1024, le=256 << 20)
+    max_concurrent_rpcs: int = Field(default=10_000, ge=1, le=1_000_000)
+    hello_timeout_ms: int = Field(default=10_000, ge=100, le=3_600_000)
     queue_limit: int = Field(default=20_000, ge=1, le=10_000_000)
     pool_size: int = Field(default=4, ge=1, le=100)
     outcome_cache: int = Field(default=100_000, ge=0, le=100_000_000)

@@ -21,7 +21,8 @@ Rules applied (see ``docs/wire.md`` and ``/design/WIRE.md``):
   ``json_value`` that is not JSON) becomes a non-retriable failure of type ``InvalidResult``;
   a ``TaskResult`` with neither ``success`` nor ``error`` likewise.
 * An ``ErrorResult.data`` that is not a JSON object is kept, wrapped: ``{"raw": text}`` when it
-  is not JSON at all, ``{"value": v}`` when it is JSON but not an object.
+  is not JSON at all (or nests deeper than :data:`MAX_ERROR_DATA_NESTING`), ``{"value": v}``
+  when it is JSON but not an object.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ MAX_ERROR_NAME_LENGTH = 256
 MAX_SHEPHERD_ID_LENGTH = 256
 #: Most concurrent attempts a shepherd may announce.
 MAX_SHEPHERD_CAPACITY = 1_000_000
+#: Deepest nesting of arrays/objects kept as structure in ``ErrorResult.data`` (deeper data is
+#: kept as text, ``{"raw": text}``: the event encoder cannot serialise arbitrarily deep values).
+MAX_ERROR_DATA_NESTING = 64
 #: Upstream task status codes (``GetTaskStatusResponse.status_code``) by task state.
 STATUS_CODE_BY_STATE: dict[TaskState, int] = {
     TaskState.QUEUED: 0,  # CREATED
@@ -359,12 +363,31 @@ def error_to_proto(error: ErrorInfo) -> common_pb2.ErrorResult:
                                   retriable=error.retriable)
 
 
+def _nesting(value: Any) -> int:
+    """Return how deeply arrays and objects nest in a parsed JSON value (iteratively)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def _error_data(text: str) -> dict[str, Any]:
     if not text.strip():
         return {}
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
+        return {"raw": text}
+    if _nesting(data) > MAX_ERROR_DATA_NESTING:
         return {"raw": text}
     return data if isinstance(data, dict) else {"value": data}
 

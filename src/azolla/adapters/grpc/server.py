@@ -27,7 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from azolla.adapters.grpc.admin_service import AdminService
 from azolla.adapters.grpc.client_service import ClientService
 from azolla.adapters.grpc.cluster_service import ClusterService
-from azolla.adapters.grpc.pb import orchestrator_pb2, orchestrator_pb2_grpc
+from azolla.adapters.grpc.decoding import add_guarded_servicer
+from azolla.adapters.grpc.pb import orchestrator_pb2
 
 if TYPE_CHECKING:
     from azolla.app.orchestrator import Orchestrator
@@ -80,6 +81,10 @@ class GrpcServerOptions:
         report_retry_seconds: How long a shepherd's results are retried while the store is
             unavailable before its stream is closed.
         reflection: Serve gRPC server reflection (for ``grpcurl`` and similar tools).
+        max_concurrent_rpcs: Most RPCs (streams included) served at once; further calls are
+            answered ``RESOURCE_EXHAUSTED``. Also gRPC core's backlog of calls not yet accepted
+            (beyond it, new calls are cancelled at random).
+        hello_timeout: Seconds a new ClusterService stream may take to send its ``Hello``.
     """
 
     host: str = "127.0.0.1"
@@ -91,6 +96,8 @@ class GrpcServerOptions:
     shutdown_grace: float = 5.0
     report_retry_seconds: float = 30.0
     reflection: bool = True
+    max_concurrent_rpcs: int = 10_000
+    hello_timeout: float = 10.0
 
 
 def _address(host: str, port: int) -> str:
@@ -118,7 +125,8 @@ class GrpcServer:
         self.cluster_service = ClusterService(
             orchestrator, ping_interval=self.options.ping_interval,
             report_retry_seconds=self.options.report_retry_seconds,
-            max_tasks_per_message=self.options.max_tasks_per_message)
+            max_tasks_per_message=self.options.max_tasks_per_message,
+            hello_timeout=self.options.hello_timeout)
         self.admin_service = AdminService(orchestrator)
         self.health = health.aio.HealthServicer()
         self._interceptors = list(interceptors)
@@ -150,6 +158,7 @@ class GrpcServer:
         opts = self.options
         server = grpc.aio.server(
             interceptors=self._interceptors or None,
+            maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", opts.max_message_bytes),
                 ("grpc.max_send_message_length", opts.max_message_bytes),
@@ -160,11 +169,18 @@ class GrpcServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
                 ("grpc.http2.max_ping_strikes", 0),
+                # gRPC core cancels new calls at random once more than 1000 wait to be
+                # accepted: a burst of streams within the concurrency limit is queued instead.
+                ("grpc.server.max_pending_requests", opts.max_concurrent_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * opts.max_concurrent_rpcs),
             ],
         )
-        orchestrator_pb2_grpc.add_ClientServiceServicer_to_server(self.client_service, server)
-        orchestrator_pb2_grpc.add_ClusterServiceServicer_to_server(self.cluster_service, server)
-        orchestrator_pb2_grpc.add_AdminServiceServicer_to_server(self.admin_service, server)
+        # Registered with guarded deserializers: a request that does not parse is answered
+        # INTERNAL with a readable message (see azolla.adapters.grpc.decoding).
+        for name, servicer in (("ClientService", self.client_service),
+                               ("ClusterService", self.cluster_service),
+                               ("AdminService", self.admin_service)):
+            add_guarded_servicer(server, _ORCHESTRATOR[name], servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if opts.reflection:
             reflection.enable_server_reflection(
