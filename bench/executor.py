@@ -19,7 +19,7 @@ Usage::
 
     .venv/bin/python bench/executor.py                       # the defaults below
     .venv/bin/python bench/executor.py --attempts 20000 --concurrency 8,16,64 \\
-        --pool-sizes 2,4 --loops uvloop,asyncio --repeat 3 --json /tmp/executor.json
+        --pool-sizes 2,4,= --loops uvloop,asyncio --repeat 3 --json /tmp/executor.json
 
 This is a benchmark, not a test: nothing asserts a speed. Quote figures with the machine line
 it prints (CPU count, load average): on a shared 2-core machine they move with the load.
@@ -220,7 +220,9 @@ def main() -> None:
     parser.add_argument("--process-attempts", type=int, default=1000,
                         help="attempts per process-mode run (a fork each)")  # fmt: skip
     parser.add_argument("--concurrency", default="8,16,64")
-    parser.add_argument("--pool-sizes", default="2,4")
+    parser.add_argument(
+        "--pool-sizes", default="2,4,=", help="pool sizes; '=' means as many as the concurrency"
+    )
     parser.add_argument("--modes", default="pool,process")
     parser.add_argument("--loops", default="uvloop,asyncio")
     parser.add_argument("--repeat", type=int, default=3)
@@ -241,10 +243,11 @@ def main() -> None:
     results: list[Result] = []
     for loop_name in options.loops.split(","):
         for mode in options.modes.split(","):
-            sizes = [int(s) for s in options.pool_sizes.split(",")] if mode == "pool" else [0]
+            sizes = options.pool_sizes.split(",") if mode == "pool" else ["0"]
             attempts = options.attempts if mode == "pool" else options.process_attempts
-            for workers in sizes:
+            for size in sizes:
                 for concurrency in concurrencies:
+                    workers = concurrency if size == "=" else int(size)
                     result = measure(
                         mode,
                         loop_name,

@@ -193,3 +193,19 @@ async def test_close_is_bounded_and_ends_everything(tmp_path: Path) -> None:
     assert (await running).error_type == "ExecutorClosed"
     assert (await queued).error_type == "ExecutorClosed"
     await wait_until(lambda: gone(worker) and gone(fork_server), 10)
+
+
+async def test_a_caller_that_stops_waiting_frees_the_worker(tmp_path: Path) -> None:
+    executor = make(size=1)
+    try:
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+        victim = int(await wait_for_file(marker))
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await wait_until(lambda: gone(victim))
+        assert (await asyncio.wait_for(executor.execute(req("add", 1, 1)), 20)).value_json == "2"
+        assert executor.running == 0
+    finally:
+        await executor.close()

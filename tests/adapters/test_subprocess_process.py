@@ -156,3 +156,18 @@ async def test_requests_and_results_have_size_limits() -> None:
         assert (await executor.execute(req("big_result", 10))).ok
     finally:
         await executor.close()
+
+
+async def test_a_caller_that_stops_waiting_kills_the_attempt(tmp_path: Path) -> None:
+    executor = make()
+    try:
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+        victim = int(await wait_for_file(marker))
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert await wait_gone(victim)
+        assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+    finally:
+        await executor.close()

@@ -203,7 +203,7 @@ class _Worker:
         return self._encode(outcome, memory)
 
     def _loop_for(self, name: str) -> asyncio.AbstractEventLoop | None:
-        if name in self.registry and self.registry.get(name).is_async and self.loop is None:
+        if self.loop is None and name in self.registry and self.registry.get(name).is_async:
             self.loop = asyncio.new_event_loop()
         return self.loop
 
@@ -321,6 +321,9 @@ def _children() -> list[int]:
 
 
 def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # a task may have closed or replaced them
         with contextlib.suppress(Exception):
-            stream.flush()
+            sys.stderr.flush()

@@ -183,7 +183,11 @@ class PoolExecutor(ForkingExecutorBase):
                 self._pending.append(attempt)
                 if self._supervisor is None:
                     self._ensure_supervisor()
-            kind = await attempt.event
+            try:
+                kind = await attempt.event
+            except asyncio.CancelledError:
+                self._abandon(attempt)
+                raise
             result = attempt.frame
             if kind == FRAME and result is not None and result[0] == KIND_OK:
                 # Hot path: the worker already went on with the next attempt.
@@ -249,6 +253,13 @@ class PoolExecutor(ForkingExecutorBase):
             self._discard(worker)
         return outcome
 
+    def _abandon(self, attempt: Attempt) -> None:
+        """The caller stopped waiting (its task was cancelled): stop the attempt's worker."""
+        worker = attempt.worker
+        if worker is not None and worker.current is attempt:
+            worker.current = None
+            self._discard(worker)
+
     # -- worker events (event-loop callbacks) ----------------------------------------------
 
     def _on_worker_frame(self, worker: _PoolWorker, frame: bytes) -> None:
@@ -260,8 +271,9 @@ class PoolExecutor(ForkingExecutorBase):
         if frame[0] != KIND_OK:
             attempt.tail = worker.child.tail.snapshot()
         attempt.on_frame(frame)
-        if attempt.event.result() != FRAME:
-            return  # timed out or cancelled meanwhile: the attempt's coroutine kills the worker
+        event = attempt.event
+        if event.cancelled() or event.result() != FRAME:
+            return  # timed out or cancelled meanwhile: the worker is being killed
         worker.current = None
         if frame[0] == KIND_ERROR_RETIRE:
             self._retire(worker)
