@@ -365,3 +365,21 @@ async def test_many_attempts_at_once(executor: Executor) -> None:
     assert [o.value_json for o in outcomes] == [str(2 * i) for i in range(40)]
     assert [o.task_id for o in outcomes] == [r.task_id for r in requests]
     assert executor.running == 0
+
+
+@pytest.mark.parametrize("mode", ["process", "pool"])
+async def test_cpu_time_and_open_file_limits(mode: str) -> None:
+    limited = make_executor(mode, limits=ResourceLimits(cpu_seconds=1, open_files=64))
+    try:
+        started = time.monotonic()
+        spun = await limited.execute(req("spin", 60, timeout=45))
+        assert (spun.error_type, spun.retriable) == ("CpuLimitExceeded", True), spun
+        assert data(spun)["signal"] == "SIGXCPU"
+        assert time.monotonic() - started < 40
+        files = await limited.execute(req("open_files", 200))
+        assert files.error_type == "OSError"
+        assert "Too many open files" in files.error_message
+        assert (await limited.execute(req("open_files", 10))).value_json == "10"
+        await assert_still_serving(limited)
+    finally:
+        await limited.close()
