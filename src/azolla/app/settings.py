@@ -4,8 +4,10 @@
 ``AZOLLA_<SETTING>`` (``AZOLLA_PORT``, ``AZOLLA_HOST``, ``AZOLLA_STORE``, ...), except the
 database URL, which is read from ``DATABASE_URL`` (as the original orchestrator does) or
 ``AZOLLA_DATABASE_URL``. The TOML file (``--config`` or ``AZOLLA_CONFIG``) uses the setting names
-as keys. Every problem is reported as one :class:`SettingsError` with a readable one-line
-message. The page ``docs/configuration.md`` documents each setting.
+as keys, at the top level or in a ``[server]`` table (whose keys win); a ``[shepherd]`` table is
+left to ``azolla-shepherd``, so one file can configure both. Every problem is reported as one
+:class:`SettingsError` with a readable one-line message. The page ``docs/configuration.md``
+documents each setting.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from azolla.domain.values import SpecLimits
@@ -49,7 +51,10 @@ __all__ = [
 
 #: The orchestrator's port (the original Azolla's).
 DEFAULT_PORT = 52710
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("azolla_config_file", default=None)
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("azolla_file_values", default=None)
+#: Tables of a shared TOML file that belong to other programs (``azolla-shepherd`` reads
+#: ``[shepherd]``), ignored by the server.
+_OTHER_TABLES = ("shepherd",)
 
 
 class SettingsError(ValueError):
@@ -284,10 +289,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Flags (init arguments) win over the environment, which wins over the TOML file."""
-        path = _CONFIG_FILE.get()
-        if path is None:
+        values = _FILE_VALUES.get()
+        if values is None:
             return (init_settings, env_settings)
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, values))
 
     # -- derived values ------------------------------------------------------------------------
 
@@ -358,22 +363,37 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *,
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if config_file is None:
         config_file = os.environ.get("AZOLLA_CONFIG") or None
-    path: Path | None = None
+    values: dict[str, Any] | None = None
     if config_file is not None:
         path = Path(config_file).expanduser()
         try:
             with path.open("rb") as handle:
-                tomllib.load(handle)
+                values = _server_values(tomllib.load(handle))
         except OSError as exc:
             raise SettingsError(f"cannot read the config file {str(path)!r}: "
                                 f"{exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"the config file {str(path)!r} is not valid TOML: {exc}") \
                 from None
-    token = _CONFIG_FILE.set(path)
+    token = _FILE_VALUES.set(values)
     try:
         return Settings(**given)
     except ValidationError as exc:
         raise SettingsError(_one_line(exc)) from None
     finally:
-        _CONFIG_FILE.reset(token)
+        _FILE_VALUES.reset(token)
+
+
+def _server_values(document: dict[str, Any]) -> dict[str, Any]:
+    """The server's keys of a TOML document: top level, overridden by a ``[server]`` table.
+
+    Tables of other programs (``[shepherd]``) are left out, so one file can configure a server
+    and its shepherds.
+    """
+    values = {k: v for k, v in document.items() if k not in (*_OTHER_TABLES, "server")}
+    section = document.get("server")
+    if section is not None:
+        if not isinstance(section, dict):
+            raise SettingsError("the config file's 'server' entry must be a table ([server])")
+        values.update(section)
+    return values

@@ -233,3 +233,24 @@ def test_tls_files_go_together(tmp_path: Path) -> None:
                                                 ("example.org", False)])
 def test_loopback_detection(host: str, loopback: bool) -> None:
     assert load_settings({"host": host}).loopback_only is loopback
+
+
+def test_a_shared_file_with_shepherd_and_server_tables(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+port = 5000
+store = "memory"
+
+[server]
+port = 5001
+
+[shepherd]
+orchestrator = "http://127.0.0.1:5001"
+concurrency = 4
+""")
+    settings = load_settings(config_file=path)
+    assert (settings.port, settings.store) == (5001, "memory")
+
+
+def test_server_entry_must_be_a_table(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"\[server\]"):
+        load_settings(config_file=write(tmp_path, 'server = "x"\n'))
