@@ -1085,7 +1085,11 @@ class Orchestrator:
                              f"{'went silent' if command.expired else 'disconnected'}: "
                              f"{command.reason}", batch, now)
         transport = session.transport
+        # Close the stream even if this commit fails: the session is gone from the live state
+        # either way (its attempts are retried as orphans), and a stream left open would
+        # outlive it, silent and unused.
         batch.on_commit.append(lambda: _spawn(transport.close(command.reason)))
+        batch.on_failure.append(lambda _exc: _spawn(transport.close(command.reason)))
         if command.expired:
             shepherd.expire(now)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -152,3 +153,24 @@ def test_tokens_become_an_interceptor() -> None:
     assert principal.name == "ops"
     assert principal.roles == frozenset({"client", "admin"})
     assert interceptor.authenticate([("authorization", "Bearer wrong")]) is None
+
+
+# -- regressions found while assembling the server ---------------------------------------------
+
+
+async def test_a_disconnect_whose_commit_fails_still_closes_the_stream(
+        container: Container) -> None:
+    """Otherwise a silent shepherd's stream outlives its session: no work, no end."""
+    orchestrator = await resolve(container.orchestrator)
+    store = await resolve(container.event_store)
+    shepherd = InProcessShepherd(orchestrator, {}, capacity=1)
+    await shepherd.start()
+    assert shepherd.session is not None
+    store.fail_next()
+    await orchestrator.disconnect_shepherd(shepherd.session, "went silent", expired=True)
+    for _ in range(10):  # the close is spawned after the (failed) commit
+        if shepherd.transport.closed is not None:
+            break
+        await asyncio.sleep(0)
+    assert shepherd.transport.closed == "went silent"
+    await shepherd.stop(disconnect=False)
