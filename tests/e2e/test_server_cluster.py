@@ -246,3 +246,24 @@ async def test_reconnecting_shepherd_replaces_its_old_stream(srv: RunningServer)
     assert (attempt1.attempt_number, attempt2.attempt_number) == (1, 2)
     new.succeed(attempt2)
     await wait_state(srv.client, task_id, "succeeded")
+
+
+async def test_reconnect_over_a_live_stream_keeps_the_attempts_it_reports(
+        srv: RunningServer) -> None:
+    """A shepherd whose old stream is not dead yet (e.g. a partition) reconnects: the attempts
+    it says it still runs move to the new stream instead of being lost and run twice."""
+    [task_id] = await create(srv)
+    old = await srv.shepherd("same-id")
+    [attempt] = await old.tasks(1)
+    new = await srv.shepherd("same-id", running=((task_id, 1),))
+    assert new.hello_ack is not None
+    assert list(new.hello_ack.cancel) == []
+    await old.ended()
+    with pytest.raises(TimeoutError):  # no second attempt anywhere
+        await new.recv(timeout=0.3)
+    status = await srv.client.GetTaskStatus(pbo.GetTaskStatusRequest(task_id=task_id))
+    assert (status.state, [a.number for a in status.attempts]) == ("running", [1])
+    new.succeed(attempt, pbc.AnyValue(int_value=1))
+    await wait_state(srv.client, task_id, "succeeded")
+    status = await srv.client.GetTaskStatus(pbo.GetTaskStatusRequest(task_id=task_id))
+    assert [(a.number, a.state) for a in status.attempts] == [(1, "succeeded")]

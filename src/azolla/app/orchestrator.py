@@ -1001,8 +1001,17 @@ class Orchestrator:
         assert hello is not None
         assert command.transport is not None
         existing = self._by_shepherd.get(hello.shepherd_uuid)
+        carried: set[tuple[str, int]] = set()
         if existing is not None and not existing.closed:
-            # A reconnect that raced the old stream's end: the new stream wins.
+            # A reconnect that raced the old stream's end: the new stream wins. The attempts
+            # the shepherd reports as still running move to the new stream (not lost, so not
+            # run twice); should this batch fail, they become orphans that its next reconnect
+            # may claim, and are lost after the reconnect grace.
+            carried = existing.shepherd.running & set(hello.running)
+            existing.shepherd.running -= carried
+            if carried:
+                orphaned = {(UUID(t), n): now + self.config.reconnect_grace for t, n in carried}
+                batch.on_failure.append(lambda _exc: self._orphans.update(orphaned))
             await self._decide_disconnect(
                 _Disconnect(session=existing, reason="replaced by a new connection"), batch,
                 now)
@@ -1038,9 +1047,10 @@ class Orchestrator:
             record = self.taskset.tasks.get(task_id)
             adopt = (record is not None and record.state is TaskState.RUNNING
                      and record.current_attempt == number and record.domain == hello.domain
-                     and (task_id, number) in self._orphans)
+                     and ((task_id, number) in self._orphans
+                          or (task_id_text, number) in carried))
             if adopt and record is not None:
-                del self._orphans[(task_id, number)]
+                self._orphans.pop((task_id, number), None)
                 shepherd.running.add((task_id_text, number))
             elif not (record is not None and record.current_attempt == number
                       and record.state is TaskState.RUNNING):
