@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from azolla.domain.errors import InvalidRetryPolicy
@@ -279,6 +279,7 @@ def test_jitter_outside_unit_interval_is_clamped() -> None:
     assert retry_delay(policy, 1, 7.0) == 2.0
 
 
+@settings(deadline=None)  # pure arithmetic: a slow example is the machine, not the code
 @given(
     wait=st.sampled_from(list(WaitKind)),
     initial=st.floats(0, 1000),
@@ -309,6 +310,7 @@ def test_delay_stays_inside_the_policy_bounds(
         assert delay <= min(initial, cap)
 
 
+@settings(deadline=None)  # pure arithmetic: a slow example is the machine, not the code
 @given(
     attempts=st.integers(1, 20),
     max_attempts=st.integers(1, 20),
