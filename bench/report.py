@@ -71,6 +71,8 @@ def config_figures(results: dict[str, Any], key: str) -> dict[str, dict[str, Any
         for k in ("host_cpu_busy_pct", "worker_cpu_s", "producer_cpu_s", "postgres_cpu_s",
                   "orchestrator_cpu_s"):
             fig[k] = med([dig(x, "e2e", k) for x in rc])
+        fig["paced_bound"] = next((x.get("paced_bound") for x in rc if x.get("paced_bound")),
+                                  None)
         fig["paced_rate"] = med([dig(x, "paced", "rate") for x in rc])
         fig["paced_achieved"] = med([dig(x, "paced", "achieved_rate") for x in rc])
         fig["paced_late"] = med([dig(x, "paced", "late_sends") for x in rc])
@@ -303,6 +305,8 @@ def configs_md(s: dict[str, Any]) -> str:
                 notes.append(f"{f['timed_out']} timed out")
             if f["errors"]:
                 notes.append(f"{len(f['errors'])} error(s): {str(f['errors'][0])[:80]}")
+            if f.get("paced_bound") == "concurrent enqueue":
+                notes.append("paced rate bound by the concurrent-submit rate")
             if f.get("paced_late"):
                 notes.append(f"~{f['paced_late']:.0f} sends > 10 ms late")
             procs, conc = f["procs"], f["concurrency"]
@@ -432,7 +436,9 @@ def section_md(s: dict[str, Any], results: dict[str, Any], notes: str) -> str:
         "### Per worker config",
         "`P × C` = P worker processes (Azolla: shepherds) with concurrency C each. CPU seconds "
         "are for the end-to-end phase; paced latency = task code start − wall clock before the "
-        "submit call (carried in the task's arguments).",
+        "submit call (carried in the task's arguments). The paced rate is 50 % of the smaller "
+        "of the config's end-to-end rate and the library's concurrent single-submit rate (the "
+        "paced load is made of single submits).",
         configs_md(s),
         "### Recovery (Azolla only)",
         recovery_md(s) + "\n\nThe peers have no orchestrator to restart; a killed PgQueuer "

@@ -169,6 +169,8 @@ def main() -> int:
     ap.add_argument("--peer-python", default=str(PEER_VENV / "bin" / "python"))
     ap.add_argument("--data-dir", default="/tmp/azbench/pg",
                     help="PostgreSQL data directory (wiped and re-initialised)")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep the PostgreSQL data directory after the run")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="wait up to S seconds for the host to be < 25%% busy before starting")
     a = ap.parse_args()
@@ -308,6 +310,8 @@ def main() -> int:
         _infra.kill_all()
         if cluster is not None:
             cluster.stop()
+            if not a.keep_data:
+                shutil.rmtree(a.data_dir, ignore_errors=True)
         _kill_stray_shepherds(out_dir / "shepherd-pids")
     results["elapsed_s"] = round(time.time() - started, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -17,8 +17,9 @@ calls ``main(Adapter)``.  The harness then runs, against the PostgreSQL server n
                       time from the first enqueue call to the last job
                       completed (completion timestamp read back from the DB).
      b. paced       : fresh workers, single enqueues paced at R jobs/s for D s
-                      (R = ``--rate``, or ``--rate-frac`` x this config's e2e
-                      throughput); each send is its own coroutine, started on an
+                      (R = ``--rate``, or ``--rate-frac`` x the smaller of this
+                      config's e2e throughput and the concurrent single-enqueue
+                      rate); each send is its own coroutine, started on an
                       absolute schedule, so the offered rate does not depend on
                       the enqueue latency; enqueue-to-start latency = handler
                       start - wall clock just before the enqueue call (carried in
@@ -57,6 +58,14 @@ PG_BASE = os.environ.get("PEERBENCH_PG", "postgresql://postgres@127.0.0.1:55433"
 ADMIN_DSN = f"{PG_BASE}/postgres"
 PHASE_TIMEOUT = float(os.environ.get("PEERBENCH_PHASE_TIMEOUT", "120"))  # cap (s) per phase
 MAX_IN_FLIGHT = 1000  # paced sends outstanding at once (more = the producer is saturated)
+
+
+def dig(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
 
 
 def dsn_for(db: str) -> str:
@@ -444,8 +453,9 @@ def main(adapter_cls) -> None:
     ap.add_argument("--configs", default=None, help="worker configs PxC, comma separated")
     ap.add_argument("--rate", type=float, default=500.0, help="paced load, jobs/s")
     ap.add_argument("--rate-frac", type=float, default=0.0,
-                    help="paced load as this fraction of the config's e2e throughput "
-                         "(overrides --rate when the e2e phase ran)")
+                    help="paced load as this fraction of the smaller of the config's e2e "
+                         "throughput and the concurrent single-enqueue rate (overrides "
+                         "--rate when the e2e phase ran)")
     ap.add_argument("--max-rate", type=float, default=20000.0, help="cap of the paced rate")
     ap.add_argument("--duration", type=float, default=10.0, help="paced load, seconds")
     ap.add_argument("--skip-enqueue", action="store_true",
@@ -520,8 +530,15 @@ def main(adapter_cls) -> None:
                         e = r["e2e"]
                         print(f"  -> {e['throughput_jobs_s']:.0f} jobs/s ({e['e2e_s']:.2f}s, "
                               f"cpu {e['host_cpu_busy_pct']}%)", flush=True)
-                        if a.rate_frac and e["completed"] and not e["timed_out"]:
-                            rate = min(a.max_rate, a.rate_frac * e["throughput_jobs_s"])
+                        if a.rate_frac and e["completed"]:
+                            # 50 % (say) of the most this workload sustains: end-to-end
+                            # execution, and single submits (paced sends are single submits).
+                            cap = e["throughput_jobs_s"]
+                            single = dig(result, "enqueue_concurrent", "jobs_s")
+                            r["paced_bound"] = "e2e"
+                            if single and single < cap:
+                                cap, r["paced_bound"] = single, "concurrent enqueue"
+                            rate = min(a.max_rate, a.rate_frac * cap)
                     except Exception as e:  # record and go on
                         r["e2e"] = {"error": repr(e)}
                         print(f"  !! {e!r}", flush=True)
