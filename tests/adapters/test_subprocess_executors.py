@@ -138,7 +138,7 @@ async def test_a_task_that_returns(executor: Executor) -> None:
     request = req("add", 1, kwargs={"b": "41"})
     outcome = await executor.execute(request)
     assert outcome == ExecutionOutcome(task_id=request.task_id, attempt=1, ok=True, value_json="42")
-    greeting = await executor.execute(req("greet_user", kwargs={"name": "Alice", "age": 25}))
+    greeting = await executor.execute(req("greet", kwargs={"name": "Alice", "age": 25}))
     assert orjson.loads(greeting.value_json) == {"greeting": "Hello Alice! You are 25 years old."}
     none = await executor.execute(req("noop_async"))
     assert (none.ok, none.value_json) == (True, "null")

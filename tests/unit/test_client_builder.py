@@ -72,7 +72,7 @@ def test_real_azolla_task_is_named_and_checked(client: Client) -> None:
     async def _shout(text: str) -> str:
         return text.upper()
 
-    shout = tasks.azolla_task(_shout, name="shout")
+    shout = tasks.azolla_task(_shout, name="shout", registry=tasks.TaskRegistry())
     request = client.submit_task(shout, {"text": "hi"}).to_request("d")
     assert request.name == "shout"
     with pytest.raises(ValidationError, match=r"shout\(text\): missing a required argument"):
