@@ -80,6 +80,8 @@ __all__ = ["Orchestrator", "OrchestratorConfig", "ShepherdSession"]
 log = logging.getLogger("azolla.orchestrator")
 
 MAX_FUTURE_SECONDS = 10 * 365 * 86_400.0
+#: Longest pause of the decision loop after commits that keep failing (seconds).
+MAX_COMMIT_BACKOFF = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +306,7 @@ class Orchestrator:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._busy = False
+        self._failed_commits_in_a_row = 0
         self._quiet = asyncio.Event()
         self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.started_at = 0.0
@@ -714,14 +717,13 @@ class Orchestrator:
             try:
                 positions = await self.store.append(batch.events)
             except AzollaDomainError as exc:
-                self.metrics["commit_failures"] += 1
-                self._rollback(batch, exc)
+                await self._commit_failed(batch, exc)
                 return
             except Exception as exc:  # an adapter bug or driver error: fail the batch safely
                 log.exception("append failed")
-                self.metrics["commit_failures"] += 1
-                self._rollback(batch, StoreUnavailable(f"append failed: {exc}"))
+                await self._commit_failed(batch, StoreUnavailable(f"append failed: {exc}"))
                 return
+            self._failed_commits_in_a_row = 0
             elapsed = time.perf_counter() - started
             self.metrics["commits"] += 1
             self.metrics["events"] += len(batch.events)
@@ -735,6 +737,21 @@ class Orchestrator:
             self._push(session, requests)
         for session, task_id, attempt, reason in batch.cancels:
             self._send_cancel(session, task_id, attempt, reason)
+
+    async def _commit_failed(self, batch: _Batch, exc: AzollaDomainError) -> None:
+        """Undo a failed commit, then back off (bounded, exponential) before the next try.
+
+        Without the pause, work that keeps failing (an unreachable database, a conflict that
+        persists) would make the loop spin at full speed.
+        """
+        self.metrics["commit_failures"] += 1
+        self._rollback(batch, exc)
+        self._failed_commits_in_a_row += 1
+        pause = min(0.001 * 2 ** min(self._failed_commits_in_a_row, 20), MAX_COMMIT_BACKOFF)
+        if self._failed_commits_in_a_row in (1, 10) or pause >= MAX_COMMIT_BACKOFF:
+            log.warning("commit failed (%d in a row): %s; retrying in %.3f s",
+                        self._failed_commits_in_a_row, exc.message, pause)
+        await asyncio.sleep(pause)
 
     def _apply_committed(self, events: list[NewEvent], payloads: list[dict[str, Any]],
                          positions: list[int], now: float) -> None:

@@ -110,11 +110,12 @@ def attempt_stream_id(task_id: UUID, number: int) -> UUID:
 
 
 def shepherd_stream_id(shepherd_uuid: str) -> UUID:
-    """Return the stream id for a shepherd's self-chosen id (a UUID, or any string)."""
-    try:
-        return UUID(shepherd_uuid)
-    except ValueError:
-        return uuid5(_SHEPHERD_NAMESPACE, shepherd_uuid)
+    """Return the stream id of a shepherd's self-chosen id (any text, UUIDs included).
+
+    Always derived through a namespace, never the given id itself: a shepherd can therefore
+    never name (and block) the stream of a task or of an attempt.
+    """
+    return uuid5(_SHEPHERD_NAMESPACE, shepherd_uuid)
 
 
 @dataclass(frozen=True, slots=True)

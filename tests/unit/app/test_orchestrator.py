@@ -563,3 +563,30 @@ async def test_a_draining_shepherd_gets_no_more_work(orch: Orchestrator) -> None
     assert outcome.state is TaskState.SUCCEEDED
     assert (await orch.status("default", second.task_id)).state is TaskState.QUEUED
     assert "ShepherdDrained.v1" in [e.type for e in await orch.store.read_all(0, 1000)]
+
+
+class DispatchAlwaysFails(InMemoryEventStore):
+    """Refuses every append that starts an attempt (a conflict that never resolves)."""
+
+    tries = 0
+
+    async def append(self, events: Sequence[NewEvent]) -> list[int]:
+        if any(e.type == "TaskAttemptStarted.v1" for e in events):
+            self.tries += 1
+            raise StoreUnavailable("database refuses this commit")
+        return await super().append(events)
+
+
+async def test_commits_that_keep_failing_back_off(log: InMemoryEventLog) -> None:
+    store = DispatchAlwaysFails(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    await orch.submit([SubmitRequest(name="t")])
+    await orch.connect_shepherd(ShepherdHello("s", capacity=1), InProcessTransport("s"))
+    await asyncio.sleep(1.0)
+    # Pauses of 2, 4, 8 ... ms (doubling, capped): about ten tries in a second, not thousands.
+    assert 3 <= store.tries <= 15
+    # Other work still goes through between the tries.
+    [other] = await orch.submit([SubmitRequest(name="u", group="elsewhere")])
+    assert (await orch.status("default", other.task_id)).state is TaskState.QUEUED
+    await orch.stop()

@@ -251,7 +251,7 @@ def test_attempt_stream_ids_are_deterministic_and_distinct() -> None:
 
 def test_shepherd_stream_id() -> None:
     given = "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
-    assert shepherd_stream_id(given) == UUID(given)
     ns = UUID("0b8f5c1e-2f3a-4d7b-8e6c-9a4d2c1b3e02")
+    assert shepherd_stream_id(given) == uuid5(ns, given) != UUID(given)
     assert shepherd_stream_id("shepherd-a") == uuid5(ns, "shepherd-a")
     assert shepherd_stream_id("shepherd-a") != shepherd_stream_id("shepherd-b")

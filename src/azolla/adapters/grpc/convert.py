@@ -84,9 +84,6 @@ MAX_ERROR_NAME_LENGTH = 256
 MAX_SHEPHERD_ID_LENGTH = 256
 #: Most concurrent attempts a shepherd may announce.
 MAX_SHEPHERD_CAPACITY = 1_000_000
-#: UUID versions the server mints for its own event streams (task ids v7, attempt streams v5):
-#: refused as shepherd ids, which would otherwise name those streams.
-RESERVED_UUID_VERSIONS = frozenset({5, 7})
 #: Deepest nesting of arrays/objects kept as structure in ``ErrorResult.data`` (deeper data is
 #: kept as text, ``{"raw": text}``: the event encoder cannot serialise arbitrarily deep values).
 MAX_ERROR_DATA_NESTING = 64
@@ -443,27 +440,16 @@ def execution_request_to_proto(request: ExecutionRequest) -> common_pb2.Task:
 def hello_from_proto(hello: orchestrator_pb2.Hello) -> ShepherdHello:
     """Translate a shepherd's ``Hello``.
 
-    A shepherd id in UUID form is used as its event stream id as it is, so it must not be a
-    UUID of the versions the server mints for its own streams (7: task ids, 5: attempt
-    streams): such an id could take the stream of a task or of a future attempt, and the
-    commits that need that stream would then fail for ever.
+    The shepherd id may be any text (its event stream id is derived from it through a
+    namespace, so it can never name a task's or an attempt's stream).
 
     Raises:
-        InvalidTaskSpec: The shepherd id is empty, too long or a UUID of a reserved version,
-            or the capacity is out of range.
+        InvalidTaskSpec: The shepherd id is empty or too long, or the capacity is out of range.
     """
     shepherd_id = hello.shepherd_uuid.strip()
     if not shepherd_id or len(shepherd_id) > MAX_SHEPHERD_ID_LENGTH:
         raise InvalidTaskSpec(
             f"Hello.shepherd_uuid must be 1 to {MAX_SHEPHERD_ID_LENGTH} characters")
-    try:
-        version = UUID(shepherd_id).version
-    except ValueError:
-        version = None
-    if version in RESERVED_UUID_VERSIONS:
-        raise InvalidTaskSpec(
-            f"Hello.shepherd_uuid must not be a version-{version} UUID (the server's own ids "
-            "use versions 5 and 7); use a random UUID (version 4) or any other text")
     if not 1 <= hello.max_concurrency <= MAX_SHEPHERD_CAPACITY:
         raise InvalidTaskSpec(
             f"Hello.max_concurrency must be between 1 and {MAX_SHEPHERD_CAPACITY}, got "
