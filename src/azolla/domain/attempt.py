@@ -10,7 +10,7 @@ acknowledged) → exactly one of ``succeeded`` | ``failed`` | ``lost`` | ``timed
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -71,7 +71,7 @@ class Attempt(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Mark it running."""
-            assert isinstance(aggregate, Attempt)
+            aggregate = cast(Attempt, aggregate)
             aggregate.state = AttemptState.RUNNING
 
     class Ended(Aggregate.Event):
@@ -83,7 +83,7 @@ class Attempt(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Record the outcome."""
-            assert isinstance(aggregate, Attempt)
+            aggregate = cast(Attempt, aggregate)
             aggregate.state = AttemptState(self.outcome)
             aggregate.ended_at = self.timestamp.timestamp()
             aggregate.error = ErrorInfo.from_dict(self.error) if self.error else None
@@ -97,7 +97,7 @@ class Attempt(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Count the refusal."""
-            assert isinstance(aggregate, Attempt)
+            aggregate = cast(Attempt, aggregate)
             aggregate.rejections += 1
 
     def __init__(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from eventsourcing.domain import Aggregate
 
@@ -64,7 +64,7 @@ class Shepherd(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Mark connected with the announced capacity."""
-            assert isinstance(aggregate, Shepherd)
+            aggregate = cast(Shepherd, aggregate)
             aggregate.state = ShepherdState.CONNECTED
             aggregate.capacity = self.capacity
             aggregate.software_version = self.software_version
@@ -77,7 +77,7 @@ class Shepherd(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Mark disconnected."""
-            assert isinstance(aggregate, Shepherd)
+            aggregate = cast(Shepherd, aggregate)
             aggregate.state = ShepherdState.DISCONNECTED
             aggregate.running.clear()
 
@@ -88,7 +88,7 @@ class Shepherd(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Mark expired."""
-            assert isinstance(aggregate, Shepherd)
+            aggregate = cast(Shepherd, aggregate)
             aggregate.state = ShepherdState.EXPIRED
             aggregate.running.clear()
 
@@ -99,7 +99,7 @@ class Shepherd(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Mark drained."""
-            assert isinstance(aggregate, Shepherd)
+            aggregate = cast(Shepherd, aggregate)
             aggregate.state = ShepherdState.DRAINED
 
     def __init__(self, shepherd_uuid: str, domain: str, group: str, capacity: int,

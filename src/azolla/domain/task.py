@@ -9,7 +9,7 @@ directly; the nested event classes only apply facts.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -136,7 +136,7 @@ class Task(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Mark the attempt running."""
-            assert isinstance(aggregate, Task)
+            aggregate = cast(Task, aggregate)
             aggregate.state = TaskState.RUNNING
             aggregate.attempts = self.attempt
             aggregate.current_attempt = self.attempt
@@ -152,7 +152,7 @@ class Task(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Wait for the retry time."""
-            assert isinstance(aggregate, Task)
+            aggregate = cast(Task, aggregate)
             aggregate.state = TaskState.RETRY_WAIT
             aggregate.current_attempt = None
             aggregate.ready_at = self.retry_at
@@ -168,7 +168,7 @@ class Task(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Record the value."""
-            assert isinstance(aggregate, Task)
+            aggregate = cast(Task, aggregate)
             aggregate.state = TaskState.SUCCEEDED
             aggregate.current_attempt = None
             aggregate.result = self.result
@@ -185,7 +185,7 @@ class Task(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Record the final error."""
-            assert isinstance(aggregate, Task)
+            aggregate = cast(Task, aggregate)
             aggregate.state = TaskState.FAILED
             aggregate.current_attempt = None
             aggregate.error = ErrorInfo.from_dict(self.error)
@@ -200,7 +200,7 @@ class Task(Aggregate):
 
         def apply(self, aggregate: Aggregate) -> None:
             """Record the cancellation."""
-            assert isinstance(aggregate, Task)
+            aggregate = cast(Task, aggregate)
             aggregate.state = TaskState.CANCELLED
             aggregate.current_attempt = None
 

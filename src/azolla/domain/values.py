@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -104,6 +105,7 @@ def partition_day(timestamp: float) -> int:
     return int(timestamp // SECONDS_PER_DAY)
 
 
+@lru_cache(maxsize=65_536)
 def attempt_stream_id(task_id: UUID, number: int) -> UUID:
     """Return the deterministic stream id of attempt ``number`` of ``task_id``."""
     return uuid5(_ATTEMPT_NAMESPACE, f"{task_id}/{number}")
