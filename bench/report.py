@@ -80,6 +80,12 @@ def config_figures(results: dict[str, Any], key: str) -> dict[str, dict[str, Any
             vals = [dig(x, "paced", "lat_ms", q) for x in rc]
             fig[f"lat_{q}"] = med(vals)
             fig[f"lat_{q}_range"] = spread(vals)
+        stages: dict[str, dict[str, float | None]] = {}
+        for x in rc:
+            for stage in (dig(x, "paced", "details", "stages_ms") or {}):
+                stages[stage] = {q: med([dig(y, "paced", "details", "stages_ms", stage, q)
+                                         for y in rc]) for q in ("p50", "p95", "p99")}
+        fig["stages"] = stages
         out[cfg] = fig
     return out
 
@@ -95,6 +101,7 @@ def lib_figures(results: dict[str, Any], key: str) -> dict[str, Any]:
     if not runs:
         return {}
     out: dict[str, Any] = {"version": runs[0].get("version"), "runs": len(runs)}
+    out["foreign_load_pct"] = [r.get("foreign_load_pct") for r in runs]
     out["single_rate"] = med([dig(r, "enqueue_single", "jobs_s") for r in runs])
     for q in ("p50", "p95", "p99"):
         vals = [dig(r, "enqueue_single", "lat_ms", q) for r in runs]
@@ -333,6 +340,25 @@ def _frames_md(title: str, p: dict[str, Any], rows: int = 12) -> list[str]:
     return parts
 
 
+def stages_md(s: dict[str, Any]) -> str:
+    az = s["libs"].get("azolla", {})
+    cfg = az.get("best_config")
+    stages = ((az.get("configs") or {}).get(cfg) or {}).get("stages") if cfg else None
+    if not stages:
+        return ""
+    lines = [f"Where Azolla's dispatch latency goes (pool, {cfg}, paced run), from the commit "
+             "times in the event log (`recorded_at`) and the task's own clock:", "",
+             "| stage | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+    names = {"submit->submitted": "submit call → `TaskSubmitted` committed",
+             "submitted->dispatched": "→ dispatch committed (`TaskAttemptStarted`)",
+             "dispatched->started": "→ task code starts (push, shepherd, pool worker)",
+             "started->recorded": "(after: task start → `TaskSucceeded` committed)"}
+    for stage, q in stages.items():
+        lines.append(f"| {names.get(stage, stage)} | {fmt(q['p50'], 'ms')} | "
+                     f"{fmt(q['p95'], 'ms')} | {fmt(q['p99'], 'ms')} |")
+    return "\n".join(lines)
+
+
 def profiles_md(s: dict[str, Any]) -> str:
     prof = s.get("profiles") or {}
     startup = (s.get("restart") or {}).get("startup_profile")
@@ -385,6 +411,16 @@ def recovery_md(s: dict[str, Any]) -> str:
     return "\n\n".join(out) or "Not run."
 
 
+def _foreign(libs: dict[str, Any]) -> str:
+    names = (("azolla", "Azolla (pool)"), ("azolla-process", "Azolla (process)"),
+             ("pgqueuer", "PgQueuer"), ("procrastinate", "Procrastinate"))
+    parts = []
+    for key, name in names:
+        loads = libs.get(key, {}).get("foreign_load_pct") or []
+        parts.append(f"{name} " + ", ".join(fmt(v) for v in loads))
+    return "; ".join(parts)
+
+
 def setup_md(s: dict[str, Any], results: dict[str, Any]) -> str:
     m = s.get("machine") or {}
     pg = s.get("postgres") or {}
@@ -400,8 +436,10 @@ def setup_md(s: dict[str, Any], results: dict[str, Any]) -> str:
         f"| machine | {m.get('cpus')} cores ({m.get('cpu_model', '?')}), "
         f"{m.get('memory_gb')} GB RAM, Linux {m.get('kernel')}; everything (PostgreSQL, "
         "server, shepherds/workers, producer) shares the cores; 127.0.0.1 only |",
-        f"| other load on the host | {bg[0]} % busy before the run, {bg[1]} % after "
-        "(other processes on a shared machine) |",
+        f"| other load on the host | {bg[0]} % busy before the run, {bg[1]} % after; CPU "
+        "used by other processes while each library ran, in % of the machine, per repeat: "
+        + _foreign(libs)
+        + " (a shared machine; figures from runs with much foreign load are pessimistic) |",
         f"| PostgreSQL | {pg.get('version')}, private cluster; {settings} |",
         f"| Python | {m.get('python')} |",
         f"| versions | Azolla {libs.get('azolla', {}).get('version')}, PgQueuer "
@@ -440,6 +478,7 @@ def section_md(s: dict[str, Any], results: dict[str, Any], notes: str) -> str:
         "of the config's end-to-end rate and the library's concurrent single-submit rate (the "
         "paced load is made of single submits).",
         configs_md(s),
+        stages_md(s),
         "### Recovery (Azolla only)",
         recovery_md(s) + "\n\nThe peers have no orchestrator to restart; a killed PgQueuer "
         "worker's jobs are re-picked after its heartbeat timeout (30 s by default), a killed "

@@ -86,6 +86,48 @@ def host_busy(seconds: float = 2.0) -> float:
     return round(100 * (b[0] - a[0]) / max(1, b[1] - a[1]), 1)
 
 
+class ForeignLoad:
+    """CPU used on this host by processes that are not part of the benchmark (shared host).
+
+    Own processes: this process's tree (harness scripts, workers, shepherds, servers) and
+    the PostgreSQL cluster's tree; everything else the host spent is "foreign".
+    """
+
+    def __init__(self) -> None:
+        self.pg_pid: int | None = None
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / self.hz
+        own = _infra.tree_cpu_s(os.getpid())
+        if self.pg_pid:
+            own += _infra.tree_cpu_s(self.pg_pid)
+        return time.time(), busy, own
+
+    def pct(self, a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+        """Foreign CPU between two samples, in % of the whole machine."""
+        wall = max(1e-6, b[0] - a[0])
+        foreign = max(0.0, (b[1] - a[1]) - (b[2] - a[2]))
+        return round(100 * foreign / ((os.cpu_count() or 1) * wall), 1)
+
+    def wait_quiet(self, limit_s: float, threshold: float = 20.0) -> float:
+        """Wait (at most ``limit_s``) until foreign load < ``threshold`` %; return the last %."""
+        deadline = time.time() + limit_s
+        while True:
+            a = self.sample()
+            time.sleep(3.0)
+            load = self.pct(a, self.sample())
+            if load < threshold or time.time() >= deadline:
+                return load
+            log(f"other processes use {load}% of the host; waiting (up to "
+                f"{max(0.0, deadline - time.time()):.0f} s more)")
+
+
+FOREIGN = ForeignLoad()
+
+
 def ensure_peer_venv(python: Path) -> None:
     if python.exists():
         return
@@ -96,12 +138,15 @@ def ensure_peer_venv(python: Path) -> None:
 
 
 def run_harness(name: str, python: str, script: Path, args: list[str], env: dict[str, str],
-                out_dir: Path, timeout: float) -> dict[str, Any]:
+                out_dir: Path, timeout: float, wait_idle: float = 0.0) -> dict[str, Any]:
     """Run one harness script as a subprocess (own process group), echo its progress."""
     out = out_dir / f"{name}.json"
     out.unlink(missing_ok=True)
     argv = [python, str(script), *args, "--json-out", str(out), "--results", str(out_dir)]
+    if wait_idle:
+        FOREIGN.wait_quiet(wait_idle)
     log(f"{name}: {' '.join(shlex.quote(a) for a in argv[1:])}")
+    before = FOREIGN.sample()
     proc = _infra.Proc(name, argv, out_dir / f"{name}.log", env=env)
     deadline = time.time() + timeout
     seen = 0
@@ -114,10 +159,14 @@ def run_harness(name: str, python: str, script: Path, args: list[str], env: dict
     finally:
         proc.stop(timeout=25)
         _echo_new(proc.log_path, seen, name)
+    foreign = FOREIGN.pct(before, FOREIGN.sample())
+    log(f"{name}: other processes used {foreign}% of the host meanwhile")
     if not out.exists():
         return {"error": f"{name} wrote no result (exit code {proc.popen.returncode}); "
-                         f"log: {proc.log_path}"}
-    return json.loads(out.read_text())
+                         f"log: {proc.log_path}", "foreign_load_pct": foreign}
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["foreign_load_pct"] = foreign
+    return result
 
 
 def _echo_new(path: Path, seen: int, name: str) -> int:
@@ -172,7 +221,8 @@ def main() -> int:
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the PostgreSQL data directory after the run")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="wait up to S seconds for the host to be < 25%% busy before starting")
+                    help="before the run and before each library's run, wait up to S seconds "
+                         "for other processes to use < 20%% of the host (shared machines)")
     a = ap.parse_args()
     mode = "quick" if a.quick else "full"
     p = dict(PROFILES[mode])
@@ -197,9 +247,7 @@ def main() -> int:
     cluster: _infra.BenchCluster | None = None
     try:
         if a.wait_idle:
-            deadline = time.time() + a.wait_idle
-            while (busy := host_busy(2.0)) > 25 and time.time() < deadline:
-                log(f"host {busy}% busy; waiting for it to calm down")
+            FOREIGN.wait_quiet(a.wait_idle)
         results["background_busy_pct_before"] = host_busy(2.0)
         log(f"{mode} run; host busy before start: {results['background_busy_pct_before']}% "
             f"(other processes); output in {out_dir}")
@@ -212,6 +260,7 @@ def main() -> int:
         cluster = _infra.BenchCluster(data_dir)
         t = time.time()
         cluster.start()
+        FOREIGN.pg_pid = cluster.cluster.server_pid()
         log(f"PostgreSQL up in {time.time() - t:.1f} s at {cluster.base} "
             f"({cluster.server_version()})")
         results["postgres"] = {"version": cluster.server_version(),
@@ -245,26 +294,30 @@ def main() -> int:
             run["azolla-pool"] = run_harness(
                 f"azolla-pool-r{rep + 1}", sys.executable, script,
                 harness_args(p, "azolla-pool", label="pool"),
-                {**azenv, "AZOLLA_BENCH_MODE": "pool"}, out_dir, p["harness_timeout"])
+                {**azenv, "AZOLLA_BENCH_MODE": "pool"}, out_dir, p["harness_timeout"],
+                a.wait_idle)
             if "process" not in skip:
                 run["azolla-process"] = run_harness(
                     f"azolla-process-r{rep + 1}", sys.executable, script,
                     harness_args(p, "azolla-process", n=p["process_n"], skip_enqueue=True,
                                  label="process"),
-                    {**azenv, "AZOLLA_BENCH_MODE": "process"}, out_dir, p["harness_timeout"])
+                    {**azenv, "AZOLLA_BENCH_MODE": "process"}, out_dir, p["harness_timeout"],
+                    a.wait_idle)
             for peer in peers:
                 run[peer] = run_harness(
                     f"{peer}-r{rep + 1}", a.peer_python, PEERS_DIR / f"bench_{peer}.py",
                     harness_args(p, peer), _infra.bench_env(env_common), out_dir,
-                    p["harness_timeout"])
+                    p["harness_timeout"], a.wait_idle)
 
         assert server is not None
         if "submitters" not in skip:
             procs, coroutines, per_proc = p["submitters"]
             log(f"azolla: single submits from {procs} client processes x {coroutines} "
                 "coroutines")
+            before = FOREIGN.sample()
             results["submitters"] = system.multi_client_submit(
                 endpoint, procs, coroutines, per_proc, out_dir)
+            results["submitters"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
             log(f"  -> {results['submitters'].get('per_s', 0):.0f} tasks/s")
         prof_dir = (ROOT / "bench" / "profiles") if docs else (out_dir / "profiles")
         if "profile" not in skip:
@@ -272,6 +325,7 @@ def main() -> int:
             procs_, conc = (int(x) for x in cfg.split("x"))
             log(f"azolla: py-spy profiles at peak load ({p['profile_seconds']:.0f} s, pool, "
                 f"concurrency {procs_ * conc})")
+            before = FOREIGN.sample()
             try:
                 results["profiles"] = asyncio.run(system.profile_peak(
                     endpoint, server.pid, dsn, out_dir, prof_dir, "pool", procs_ * conc,
@@ -279,12 +333,14 @@ def main() -> int:
             except Exception as exc:
                 results["profiles"] = {"error": repr(exc)}
                 log(f"  !! {exc!r}")
+            results["profiles"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
         server.stop()
         server = None
 
         if "recovery" not in skip:
             log(f"azolla: orchestrator kill -9 + restart with {p['recovery_unfinished']} "
                 "unfinished tasks")
+            before = FOREIGN.sample()
             try:
                 results["restart"] = asyncio.run(system.orchestrator_restart(
                     cluster.dsn("postgres"), out_dir, p["recovery_unfinished"],
@@ -294,7 +350,9 @@ def main() -> int:
             except Exception as exc:
                 results["restart"] = {"error": repr(exc)}
                 log(f"  !! {exc!r}")
+            results["restart"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
             log("azolla: shepherd kill -9 with attempts running")
+            before = FOREIGN.sample()
             try:
                 results["shepherd_death"] = asyncio.run(system.shepherd_death(
                     cluster.dsn("postgres"), out_dir))
@@ -302,6 +360,8 @@ def main() -> int:
             except Exception as exc:
                 results["shepherd_death"] = {"error": repr(exc)}
                 log(f"  !! {exc!r}")
+            results["shepherd_death"]["foreign_load_pct"] = FOREIGN.pct(before,
+                                                                        FOREIGN.sample())
         results["background_busy_pct_after"] = host_busy(2.0)
     except KeyboardInterrupt:
         log("interrupted")

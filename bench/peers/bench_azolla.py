@@ -41,7 +41,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: bench._infra
 
 from bench import _infra
-from common import main
+from common import main, percentiles
 
 from azolla import Client
 
@@ -187,6 +187,41 @@ class AzollaPeer:
             if submitted is not None:
                 pairs.append((submitted, started))
         return pairs
+
+    async def paced_details(self) -> dict:
+        """Where the paced latency goes, per task, from the event log's commit times.
+
+        submit -> submitted: the submit call until its commit (``TaskSubmitted.recorded_at``);
+        submitted -> dispatched: until the dispatch commit (``TaskAttemptStarted``);
+        dispatched -> started: until the task code starts (push, shepherd, pool worker);
+        started -> recorded: until the success is committed (``TaskSucceeded``).
+        ``recorded_at`` is the commit's transaction start, a fraction of a ms before the commit.
+        """
+        assert self.conn is not None
+        rows = await self.conn.fetch(
+            "SELECT stream_id, type, extract(epoch FROM recorded_at)::float8 AS t,"
+            "       CASE WHEN type = 'TaskSucceeded.v1' THEN payload::text END AS p"
+            "  FROM azolla_events WHERE position > $1 AND domain = $2 AND type IN"
+            "       ('TaskSubmitted.v1', 'TaskAttemptStarted.v1', 'TaskSucceeded.v1')",
+            self.base, self.domain)
+        by: dict = {}
+        for row in rows:
+            by.setdefault(row["stream_id"], {})[row["type"]] = (row["t"], row["p"])
+        stages: dict[str, list[float]] = {
+            "submit->submitted": [], "submitted->dispatched": [], "dispatched->started": [],
+            "started->recorded": []}
+        for ev in by.values():
+            if len(ev) < 3:
+                continue
+            submitted, started = json.loads(json.loads(ev["TaskSucceeded.v1"][1])["result"])
+            if submitted is None:
+                continue
+            t_sub, t_disp = ev["TaskSubmitted.v1"][0], ev["TaskAttemptStarted.v1"][0]
+            stages["submit->submitted"].append((t_sub - submitted) * 1000)
+            stages["submitted->dispatched"].append((t_disp - t_sub) * 1000)
+            stages["dispatched->started"].append((started - t_disp) * 1000)
+            stages["started->recorded"].append((ev["TaskSucceeded.v1"][0] - started) * 1000)
+        return {"stages_ms": {k: percentiles(v) for k, v in stages.items()}}
 
     async def wait_workers_ready(self, procs: int) -> None:
         await _infra.wait_shepherds(self.endpoint, self.domain, procs, timeout=60)

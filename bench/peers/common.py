@@ -35,7 +35,8 @@ Optional adapter hooks (besides the surface in README.md):
   ``latency_pairs() -> list[(enqueued_at, started_at)]``
                                      start times read back by the adapter (used
                                      instead of the worker files when defined);
-  ``async wait_workers_ready(procs)`` extra readiness wait after the workers said ready.
+  ``async wait_workers_ready(procs)`` extra readiness wait after the workers said ready;
+  ``async paced_details() -> dict``  extra figures of the paced phase (e.g. per-stage latency).
 """
 from __future__ import annotations
 
@@ -432,11 +433,14 @@ async def phase_paced(adapter, script, procs, conc, rate, dur, outdir, pg_pid) -
         pairs = w.stop()
     if hasattr(adapter, "latency_pairs"):
         pairs = await adapter.latency_pairs()
+    details = await adapter.paced_details() if hasattr(adapter, "paced_details") else None
     lat = [(s - e) * 1000 for e, s in pairs]
     res.update(rate=round(rate, 1), sent=total, send_s=round(sent_s, 3),
                achieved_rate=round(total / sent_s, 1), late_sends=behind,
                send_errors=len(errors), first_error=errors[0] if errors else None,
                latencies=len(lat), lat_ms=percentiles(lat), **CpuMeter.delta(c0, c1))
+    if details:
+        res["details"] = details
     await adapter.clean()
     return res
 
