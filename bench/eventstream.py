@@ -73,6 +73,8 @@ class PhaseResult:
     mean_batch_events: float
     python_cpu_pct: float
     pg_writer_cpu_pct: float
+    python_cpu_us_per_event: float
+    pg_writer_cpu_us_per_event: float
     wal_bytes_per_event: float
 
 
@@ -102,15 +104,18 @@ def make_events(count: int, day: int, ids: str = "uuid7") -> Iterator[NewEvent]:
         yield NewEvent(new_id(), 1, "TaskSubmitted.v1", PAYLOAD, "bench", day)
 
 
-def backend_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by a local process (the writer's server backend); NaN if the
+def backend_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by local processes (the writer's server backends); NaN if the
     server is not on this machine."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(") ", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def wal_lsn(url: str) -> int:
@@ -153,13 +158,13 @@ async def run_phase(
             record(clock() - started)
 
     lsn_before = await wal_lsn(url)
-    pg_before = backend_cpu_seconds(store._writer_pid)
+    pg_before = backend_cpu_seconds(store.writer_pids)
     py_before = time.process_time()
     started = clock()
     await asyncio.gather(*(producer(calls) for calls in work))
     seconds = clock() - started
     py_cpu = time.process_time() - py_before
-    pg_cpu = backend_cpu_seconds(store._writer_pid) - pg_before
+    pg_cpu = backend_cpu_seconds(store.writer_pids) - pg_before
     wal_bytes = await wal_lsn(url) - lsn_before
     latencies.sort()
     events = producers * calls_per_producer * per_call
@@ -180,6 +185,8 @@ async def run_phase(
         mean_batch_events=(store.events_committed - events_before) / max(batches, 1),
         python_cpu_pct=100 * py_cpu / seconds,
         pg_writer_cpu_pct=100 * pg_cpu / seconds,
+        python_cpu_us_per_event=1e6 * py_cpu / events,
+        pg_writer_cpu_us_per_event=1e6 * pg_cpu / events,
         wal_bytes_per_event=wal_bytes / events,
     )
 
@@ -241,7 +248,7 @@ def print_table(results: list[PhaseResult]) -> None:
     print(
         "| phase | producers | events/call | events | events/s | calls/s "
         "| p50 ms | p95 ms | p99 ms | max ms | batches | events/batch "
-        "| python CPU % | PG writer CPU % | WAL B/event |"
+        "| Python CPU µs/event (%) | PG writer(s) CPU µs/event (%) | WAL B/event |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -249,7 +256,9 @@ def print_table(results: list[PhaseResult]) -> None:
             f"| {r.phase} | {r.producers} | {r.events_per_call} | {r.events} "
             f"| {r.events_per_s:,.0f} | {r.calls_per_s:,.0f} | {r.p50_ms:.3f} | {r.p95_ms:.3f} "
             f"| {r.p99_ms:.3f} | {r.max_ms:.1f} | {r.batches} | {r.mean_batch_events:.1f} "
-            f"| {r.python_cpu_pct:.0f} | {r.pg_writer_cpu_pct:.0f} | {r.wal_bytes_per_event:.0f} |"
+            f"| {r.python_cpu_us_per_event:.1f} ({r.python_cpu_pct:.0f}) "
+            f"| {r.pg_writer_cpu_us_per_event:.1f} ({r.pg_writer_cpu_pct:.0f}) "
+            f"| {r.wal_bytes_per_event:.0f} |"
         )
 
 
@@ -267,6 +276,7 @@ async def main_async(args: argparse.Namespace) -> int:
             cross_process_lock=not args.no_lock,
             notify=not args.no_notify,
             listen=False,
+            pipeline_depth=args.pipeline_depth,
         )
         results: list[PhaseResult] = []
         try:
@@ -306,6 +316,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print(
         f"# store: max_batch={args.max_batch} max_linger={args.max_linger} "
         f"cross_process_lock={not args.no_lock} notify={not args.no_notify} "
+        f"pipeline_depth={args.pipeline_depth} "
         f"stream ids={args.ids} payload={len(PAYLOAD)} B"
     )
     print_table(results)
@@ -337,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-limit", type=int, default=20_000)
     parser.add_argument("--no-lock", action="store_true", help="no cross-process advisory lock")
     parser.add_argument("--no-notify", action="store_true", help="no NOTIFY per batch")
+    parser.add_argument("--pipeline-depth", type=int, default=1, help="batches in flight")
     parser.add_argument("--repeat", type=int, default=1, help="run the phases this many times")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument(

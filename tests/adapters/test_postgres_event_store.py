@@ -60,6 +60,22 @@ class TestPostgresEventStore(EventStoreContract):
             await store.close()
 
 
+class TestPipelinedPostgresEventStore(EventStoreContract):
+    """The contract again, with two batches in flight on two writer connections."""
+
+    @pytest.fixture
+    async def open_store(self, fresh_database_url: str) -> AsyncIterator[StoreFactory]:
+        stores: list[PostgresEventStore] = []
+
+        async def factory() -> EventStore:
+            stores.append(await PostgresEventStore.open(fresh_database_url, pipeline_depth=2))
+            return stores[-1]
+
+        yield factory
+        for store in stores:
+            await store.close()
+
+
 @contextlib.asynccontextmanager
 async def connect(url: str) -> AsyncIterator[Any]:
     conn = await asyncpg.connect(url)
@@ -350,20 +366,24 @@ async def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> N
         await asyncio.sleep(0.01)
 
 
-async def test_full_queue_raises_overloaded_at_once(fresh_database_url: str) -> None:
-    async with opened(fresh_database_url, queue_limit=5) as store:
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_full_queue_raises_overloaded_at_once(fresh_database_url: str, depth: int) -> None:
+    async with opened(fresh_database_url, queue_limit=5, pipeline_depth=depth) as store:
         async with writers_blocked(fresh_database_url):
-            in_flight = asyncio.create_task(store.append(_event()))
-            await asyncio.sleep(0)  # queued
-            await _eventually(lambda: store._queued_events == 0)  # taken into a batch
+            in_flight: list[asyncio.Task[list[int]]] = []
+            for _ in range(len(store._lanes)):  # one blocked batch per writer lane
+                in_flight.append(asyncio.create_task(store.append(_event())))
+                await asyncio.sleep(0)  # queued
+                await _eventually(lambda: store._queued_events == 0)  # taken into a batch
+            assert all(lane.busy for lane in store._lanes)
             queued = [asyncio.create_task(store.append(_event())) for _ in range(5)]
             await asyncio.sleep(0)
             started = time.monotonic()
             with pytest.raises(StoreOverloaded):
                 await store.append(_event())
             assert time.monotonic() - started < 0.5
-            assert not in_flight.done()
-        results = await asyncio.wait_for(asyncio.gather(in_flight, *queued), 10)
+            assert not any(t.done() for t in in_flight)
+        results = await asyncio.wait_for(asyncio.gather(*in_flight, *queued), 10)
         assert all(len(r) == 1 for r in results)
         assert len(await store.append(_event())) == 1
 
@@ -404,10 +424,13 @@ async def test_failed_batch_fails_only_its_callers(fresh_database_url: str) -> N
 # Commit order across processes
 
 
-async def test_tailing_reader_never_misses_events_of_two_writers(fresh_database_url: str) -> None:
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_tailing_reader_never_misses_events_of_two_writers(
+    fresh_database_url: str, depth: int
+) -> None:
     async with (
-        opened(fresh_database_url) as a,
-        opened(fresh_database_url) as b,
+        opened(fresh_database_url, pipeline_depth=depth) as a,
+        opened(fresh_database_url, pipeline_depth=depth) as b,
         opened(fresh_database_url) as reader,
     ):
         total = 2 * 20 * 25
@@ -448,12 +471,16 @@ async def test_tailing_reader_never_misses_events_of_two_writers(fresh_database_
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest.mark.parametrize(("mode", "depth"), [("fast", 1), ("immediate", 1), ("immediate", 2)])
 async def test_survives_postgres_outage(
-    pg_cluster: PostgresCluster, fresh_database_url: str, mode: str
+    pg_cluster: PostgresCluster, fresh_database_url: str, mode: str, depth: int
 ) -> None:
     store = await PostgresEventStore.open(
-        fresh_database_url, backoff_initial=0.05, backoff_max=0.5, connect_timeout=2
+        fresh_database_url,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+        connect_timeout=2,
+        pipeline_depth=depth,
     )
     observer = await PostgresEventStore.open(fresh_database_url, apply_migrations=False)
     stopped = False

@@ -121,6 +121,23 @@ _Pending = tuple[Sequence[NewEvent], "asyncio.Future[list[int]]"]
 """One queued append: its events and the future its caller awaits (a tuple: cheap to make)."""
 
 
+class _Lane:
+    """One writer connection and its prepared insert. The store pipelines batches over
+    ``pipeline_depth`` lanes: while one batch commits, the next one is sent on another lane and
+    waits for the append lock, so Python work overlaps the database's."""
+
+    __slots__ = ("busy", "conn", "insert", "pid")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.insert: Any = None
+        self.pid = 0
+        self.busy = False
+
+    def usable(self) -> bool:
+        return self.conn is not None and (self.busy or not self.conn.is_closed())
+
+
 @dataclass(frozen=True, slots=True)
 class _Options:
     max_batch: int
@@ -136,6 +153,7 @@ class _Options:
     lock: bool
     notify: bool
     listen: bool
+    pipeline_depth: int
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -198,9 +216,9 @@ class PostgresEventStore:
         self._loop: asyncio.AbstractEventLoop  # set by _start
         self._queued_events = 0
         self._wakeup: asyncio.Future[None] | None = None
-        self._conn: Any = None
-        self._insert: Any = None
-        self._writer_pid = 0
+        self._lanes = [_Lane() for _ in range(options.pipeline_depth)]
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._own_pids: set[int] = set()
         self._unavailable: str | None = "not started"
         self._closing = False
         self._closed = False
@@ -241,6 +259,7 @@ class PostgresEventStore:
         cross_process_lock: bool = True,
         notify: bool = True,
         listen: bool = True,
+        pipeline_depth: int = 1,
     ) -> PostgresEventStore:
         """Connect, check durability settings, migrate, and start the writer.
 
@@ -267,6 +286,14 @@ class PostgresEventStore:
                 order equals commit order across processes writing the same log.
             notify: NOTIFY ``azolla_events`` with each batch (for other processes' waiters).
             listen: LISTEN for other processes' commits (for ``wait_for_events``).
+            pipeline_depth: Batches in flight at once, each on its own writer connection. With
+                2, the next batch is sent while the previous one commits and waits for the
+                append lock, so position order stays commit order while Python, the network
+                and the database work at the same time: worth it when the database is remote
+                (a round trip per batch to hide) or has cores to spare. On a 2-core machine
+                with a local server it measured no better than 1 (smaller batches cost more
+                per event than the overlap saves; see docs/benchmarks.md). Forced to 1
+                without ``cross_process_lock`` (nothing would then order the commits).
 
         Returns:
             A running store.
@@ -276,8 +303,10 @@ class PostgresEventStore:
                 ``allow_unsafe``.
             StoreUnavailable: If the database cannot be reached.
         """
-        if max_batch < 1 or queue_limit < 1 or max_batch_bytes < 1:
-            raise ValueError("max_batch, max_batch_bytes and queue_limit must be >= 1")
+        if max_batch < 1 or queue_limit < 1 or max_batch_bytes < 1 or pipeline_depth < 1:
+            raise ValueError(
+                "max_batch, max_batch_bytes, queue_limit and pipeline_depth must be >= 1"
+            )
         options = _Options(
             max_batch=max_batch,
             max_batch_bytes=max_batch_bytes,
@@ -292,6 +321,7 @@ class PostgresEventStore:
             lock=cross_process_lock,
             notify=notify,
             listen=listen,
+            pipeline_depth=pipeline_depth if cross_process_lock else 1,
         )
         store = cls(dsn, options)
         try:
@@ -311,7 +341,7 @@ class PostgresEventStore:
             except BaseException:
                 conn.terminate()
                 raise
-            await self._setup_writer(conn)  # terminates the connection if it fails
+            await self._setup_lanes(conn)  # terminates the connection if it fails
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=1,
@@ -358,21 +388,37 @@ class PostgresEventStore:
             raise
         return conn
 
-    async def _setup_writer(self, conn: Any) -> None:
-        """Prepare the writer connection: partitions cache, ahead partitions, statement."""
-        try:
-            self._known_days = set()
-            self._load_partition_bounds(await conn.fetch(_KNOWN_PARTITIONS))
-            self._ahead_checked_day = -1
-            await self._ensure_days(conn, {self._today(), self._today() + 7})
-            self._insert = await conn.prepare(self._insert_sql)
-            conn.add_termination_listener(self._on_writer_terminated)
-        except BaseException:
-            conn.terminate()
-            raise
-        self._conn = conn
-        self._writer_pid = conn.get_server_pid()
+    async def _setup_lanes(self, first: Any | None) -> None:
+        """Connect every lane that has no connection (``first``, if given, is a fresh checked
+        connection to use); refresh the partition cache and create the partitions ahead.
+
+        Lanes connected before a failure stay connected; the caller retries the rest.
+        """
+        for lane in self._lanes:
+            if lane.conn is not None:
+                continue
+            conn = first if first is not None else await self._connect()
+            first = None
+            try:
+                if not self._own_pids:  # first lane of this (re)connection: refresh the cache
+                    self._known_days = set()
+                    self._load_partition_bounds(await conn.fetch(_KNOWN_PARTITIONS))
+                    self._ahead_checked_day = -1
+                    await self._ensure_days(conn, {self._today(), self._today() + 7})
+                lane.insert = await conn.prepare(self._insert_sql)
+                conn.add_termination_listener(self._on_writer_terminated)
+            except BaseException:
+                conn.terminate()
+                raise
+            lane.conn = conn
+            lane.pid = conn.get_server_pid()
+            self._own_pids.add(lane.pid)
         self._unavailable = None
+
+    @property
+    def writer_pids(self) -> list[int]:
+        """Server process ids of the writer connections (for diagnostics and benchmarks)."""
+        return [lane.pid for lane in self._lanes if lane.conn is not None]
 
     def _load_partition_bounds(self, rows: Sequence[Any]) -> None:
         for row in rows:
@@ -399,7 +445,7 @@ class PostgresEventStore:
             self._known_days.update(range(start, start + 7))
 
     def _on_writer_terminated(self, conn: Any) -> None:
-        if conn is self._conn:
+        if any(lane.conn is conn for lane in self._lanes):
             self._wake_writer()
 
     async def close(self) -> None:
@@ -430,12 +476,14 @@ class PostgresEventStore:
                 with contextlib.suppress(BaseException):
                     await task
         self._fail_queued(StoreUnavailable("event store is closed"))
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                await asyncio.wait_for(conn.close(), 2.0)
-            except BaseException:
-                conn.terminate()
+        for lane in self._lanes:
+            if lane.conn is not None:
+                conn, lane.conn, lane.insert = lane.conn, None, None
+                try:
+                    await asyncio.wait_for(conn.close(), 2.0)
+                except BaseException:
+                    conn.terminate()
+        self._own_pids.clear()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -507,50 +555,88 @@ class PostgresEventStore:
         self._queued_events = 0
 
     async def _writer_main(self) -> None:
+        """Dispatch queued appends to free lanes; reconnect lanes whose connection broke."""
         loop = asyncio.get_running_loop()
-        batch: list[_Pending] = []
+        lanes = self._lanes
         try:
             while True:
-                conn = self._conn
-                if conn is None or conn.is_closed():
-                    if conn is not None:
-                        self._lose_connection(conn, "connection closed")
+                if not all(lane.usable() for lane in lanes):
+                    if self._inflight:  # let the other lanes finish first
+                        await self._wait_wakeup(loop)
+                        continue
+                    for lane in lanes:
+                        if lane.conn is not None and not lane.usable():
+                            self._lose_lane(lane, "connection closed")
                     if self._closing:
                         self._fail_queued(StoreUnavailable("event store is closed"))
                         return
                     await self._reconnect()
                     continue
                 if not self._queue:
-                    if self._closing:
+                    if self._closing and not self._inflight:
                         return
-                    self._wakeup = loop.create_future()
-                    try:
-                        await self._wakeup
-                    finally:
-                        self._wakeup = None
+                    await self._wait_wakeup(loop)
+                    continue
+                free = [lane for lane in lanes if not lane.busy]
+                if not free:
+                    await self._wait_wakeup(loop)
                     continue
                 if (
                     self._opts.max_linger > 0
+                    and len(free) == len(lanes)
                     and self._prev_batch_appends > 1
                     and self._queued_events < min(self._prev_batch_events, self._opts.max_batch)
                     and not self._closing
                 ):
                     await self._linger(loop)
-                batch = self._take_batch()
-                if batch:
-                    await self._commit(batch)
-                batch = []
+                # Share what is queued between the free lanes (an idle store sends a lone
+                # append at once on one lane; a busy one keeps every lane fed).
+                for index, lane in enumerate(free):
+                    share = -(-self._queued_events // (len(free) - index))
+                    batch = self._take_batch(share)
+                    if not batch:
+                        break
+                    lane.busy = True
+                    task = loop.create_task(self._run_batch(lane, batch))
+                    self._inflight.add(task)
+                    if not self._queue:
+                        break
         except asyncio.CancelledError:
-            error = StoreUnavailable("event store is closed (the commit outcome is unknown)")
-            self._settle_error(batch, error)
+            for task in list(self._inflight):
+                task.cancel()
             self._fail_queued(StoreUnavailable("event store is closed"))
             raise
         except BaseException as exc:  # pragma: no cover - a bug; never leave callers hanging
             _log.exception("event store writer crashed")
             self._unavailable = f"writer crashed: {exc!r}"
-            self._settle_error(batch, StoreUnavailable(f"event store writer crashed: {exc!r}"))
             self._fail_queued(StoreUnavailable(f"event store writer crashed: {exc!r}"))
             raise
+
+    async def _wait_wakeup(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wakeup = loop.create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    async def _run_batch(self, lane: _Lane, batch: list[_Pending]) -> None:
+        """Commit one batch on one lane; always answers every caller of the batch."""
+        try:
+            await self._commit(batch, lane)
+        except asyncio.CancelledError:
+            self._settle_error(
+                batch, StoreUnavailable("event store is closed (the commit outcome is unknown)")
+            )
+            raise
+        except BaseException as exc:  # pragma: no cover - a bug; never leave callers hanging
+            _log.exception("event store batch crashed")
+            self._settle_error(batch, StoreUnavailable(f"event store batch crashed: {exc!r}"))
+        finally:
+            lane.busy = False
+            task = asyncio.current_task()
+            if task is not None:
+                self._inflight.discard(task)
+            self._wake_writer()
 
     async def _linger(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait (yielding to the loop) until the queue is as full as the previous batch, or the
@@ -562,13 +648,14 @@ class PostgresEventStore:
                 return
             await asyncio.sleep(0)
 
-    def _take_batch(self) -> list[_Pending]:
-        """Pop the next batch off the queue, leaving out cancelled callers."""
+    def _take_batch(self, limit: int) -> list[_Pending]:
+        """Pop the next batch (up to ``limit`` events) off the queue, leaving out cancelled
+        callers."""
         batch: list[_Pending] = []
         events = 0
         nbytes = 0
         queue = self._queue
-        max_batch = self._opts.max_batch
+        max_batch = min(self._opts.max_batch, max(limit, 1))
         max_bytes = self._opts.max_batch_bytes
         while queue:
             pending = queue[0]
@@ -586,8 +673,8 @@ class PostgresEventStore:
             nbytes += size
         return batch
 
-    async def _commit(self, batch: list[_Pending]) -> None:
-        """Commit a batch; answer every caller in it (positions or an error)."""
+    async def _commit(self, batch: list[_Pending], lane: _Lane) -> None:
+        """Commit a batch on ``lane``; answer every caller in it (positions or an error)."""
         events: list[NewEvent] = []
         for appended, _future in batch:
             events.extend(appended)
@@ -602,7 +689,7 @@ class PostgresEventStore:
                 events.extend(appended)
             single = len(events) == len(batch)
         days = [e.partition_day for e in events]
-        conn = self._conn
+        conn = lane.conn
         sent = False
         try:
             today = self._today()
@@ -613,7 +700,7 @@ class PostgresEventStore:
                 await self._ensure_days(conn, needed)
             self._ahead_checked_day = today
             sent = True
-            row = await self._insert.fetchrow(
+            row = await lane.insert.fetchrow(
                 [e.domain for e in events],
                 [e.stream_id for e in events],
                 [e.version for e in events],
@@ -624,10 +711,10 @@ class PostgresEventStore:
                 timeout=self._opts.commit_timeout,
             )
         except asyncpg.UniqueViolationError:
-            await self._resolve_conflicts(batch)
+            await self._resolve_conflicts(batch, lane)
             return
         except Exception as exc:
-            await self._handle_failure(batch, exc, sent)
+            await self._handle_failure(batch, exc, sent, lane)
             return
         positions: list[int] = row[0]
         if len(positions) != len(events):  # pragma: no cover - would be a bug in the statement
@@ -684,7 +771,7 @@ class PostgresEventStore:
             kept.append(pending)
         return kept
 
-    async def _resolve_conflicts(self, batch: list[_Pending]) -> None:
+    async def _resolve_conflicts(self, batch: list[_Pending], lane: _Lane) -> None:
         """After a unique violation: fail the appends that conflict with the log, retry the rest."""
         try:
             stream_ids: list[UUID] = []
@@ -700,7 +787,7 @@ class PostgresEventStore:
                     if e.terminal:
                         term_ids.append(e.stream_id)
                         term_days.append(e.partition_day)
-            rows = await self._conn.fetch(
+            rows = await lane.conn.fetch(
                 _FIND_CONFLICTS,
                 stream_ids,
                 versions,
@@ -710,7 +797,7 @@ class PostgresEventStore:
                 timeout=self._opts.commit_timeout,
             )
         except Exception as exc:
-            await self._handle_failure(batch, exc, sent=False)
+            await self._handle_failure(batch, exc, False, lane)
             return
         existing = {(r[0], r[1]) for r in rows if not r[2]}
         terminal_streams = {r[0] for r in rows if r[2]}
@@ -741,28 +828,30 @@ class PostgresEventStore:
                 )
                 return
             half = len(batch) // 2
-            await self._commit(batch[:half])
-            await self._commit(batch[half:])
+            await self._commit(batch[:half], lane)
+            await self._commit(batch[half:], lane)
             return
         if rest:
-            await self._commit(rest)
+            await self._commit(rest, lane)
 
-    async def _handle_failure(self, batch: list[_Pending], exc: Exception, sent: bool) -> None:
-        conn = self._conn
+    async def _handle_failure(
+        self, batch: list[_Pending], exc: Exception, sent: bool, lane: _Lane
+    ) -> None:
+        conn = lane.conn
         if _is_connection_error(exc) or conn is None or conn.is_closed():
             outcome = " (the commit outcome is unknown)" if sent else ""
             self._settle_error(
                 batch, StoreUnavailable(f"event store connection lost{outcome}: {exc!r}")
             )
-            self._lose_connection(conn, repr(exc))
+            self._lose_lane(lane, repr(exc))
             return
         if _is_data_error(exc):
             if len(batch) == 1:
                 self._settle_error(batch, ValueError(f"events refused by the database: {exc}"))
                 return
             half = len(batch) // 2
-            await self._commit(batch[:half])
-            await self._commit(batch[half:])
+            await self._commit(batch[:half], lane)
+            await self._commit(batch[half:], lane)
             return
         _log.warning("event store batch of %d append(s) failed: %r", len(batch), exc)
         self._settle_error(batch, StoreUnavailable(f"event store commit failed: {exc!r}"))
@@ -773,11 +862,11 @@ class PostgresEventStore:
             if not future.done():
                 future.set_exception(error)
 
-    def _lose_connection(self, conn: Any, reason: str) -> None:
-        """Mark the store unavailable, drop the writer connection, fail what is queued."""
-        if conn is not None and conn is self._conn:
-            self._conn = None
-            self._insert = None
+    def _lose_lane(self, lane: _Lane, reason: str) -> None:
+        """Mark the store unavailable, drop the lane's connection, fail what is queued."""
+        if lane.conn is not None:
+            conn, lane.conn, lane.insert = lane.conn, None, None
+            self._own_pids.discard(lane.pid)
             conn.terminate()
         self._unavailable = f"database connection lost: {reason}"
         _log.warning("event store writer lost its connection: %s", reason)
@@ -789,8 +878,7 @@ class PostgresEventStore:
         delay = self._opts.backoff_initial
         while not self._closing:
             try:
-                conn = await self._connect()
-                await self._setup_writer(conn)
+                await self._setup_lanes(None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -933,7 +1021,7 @@ class PostgresEventStore:
                     conn.terminate()
 
     def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
-        if pid == self._writer_pid:
+        if pid in self._own_pids:
             return
         with contextlib.suppress(ValueError):
             self._note_position(int(payload))
