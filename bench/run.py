@@ -54,14 +54,14 @@ PEER_PACKAGES = ["pgqueuer==1.6.0", "procrastinate==3.10.0", "psycopg[binary,poo
 PROFILES = {
     "quick": {
         "repeats": 1, "n": 5000, "single": 1000, "concurrent": 128, "duration": 5.0,
-        "configs": {"azolla-pool": "1x16", "azolla-process": "1x8", "pgqueuer": "1x50",
+        "configs": {"azolla-pool": "1x32", "azolla-process": "1x8", "pgqueuer": "1x50",
                     "procrastinate": "2x10"},
         "process_n": 500, "baseline_seconds": 1.5, "submitters": (2, 64, 2500),
         "profile_seconds": 8.0, "recovery_unfinished": 10_000, "harness_timeout": 420,
     },
     "full": {
         "repeats": 3, "n": 20000, "single": 2000, "concurrent": 256, "duration": 10.0,
-        "configs": {"azolla-pool": "1x16,2x8,1x32", "azolla-process": "1x8,1x16",
+        "configs": {"azolla-pool": "1x16,1x32,1x64,2x16", "azolla-process": "1x8,1x16",
                     "pgqueuer": "1x10,2x10,1x50,1x0", "procrastinate": "1x10,2x10,1x50"},
         "process_n": 2000, "baseline_seconds": 3.0, "submitters": (4, 64, 5000),
         "profile_seconds": 20.0, "recovery_unfinished": 10_000, "harness_timeout": 1500,

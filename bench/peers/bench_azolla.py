@@ -52,10 +52,14 @@ TERMINAL_TYPES = ("TaskSucceeded.v1", "TaskFailed.v1", "TaskCancelled.v1")
 
 
 def _git_rev() -> str:
+    """Short commit of the tree, ``.dirty`` when src/ has uncommitted changes."""
     try:
-        out = subprocess.run(["git", "-C", str(_infra.ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=False)
-        return out.stdout.strip()
+        git = ["git", "-C", str(_infra.ROOT)]
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True,
+                               text=True, timeout=10, check=False).stdout.strip()
+        return rev + (".dirty" if dirty and rev else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -80,7 +84,7 @@ def _note_pid(proc: _infra.Proc) -> Path:
 class AzollaPeer:
     NAME = "azolla"
     DB = "peerbench_azolla"
-    DEFAULT_CONFIGS = "1x16,2x8,1x32"
+    DEFAULT_CONFIGS = "1x16,1x32,1x64,2x16"
 
     def __init__(self, dsn: str):
         self.dsn = dsn
