@@ -307,6 +307,7 @@ class Orchestrator:
         self._stopping = False
         self._busy = False
         self._failed_commits_in_a_row = 0
+        self._needs_catch_up = False
         self._quiet = asyncio.Event()
         self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.started_at = 0.0
@@ -689,6 +690,12 @@ class Orchestrator:
                 self._busy = False
 
     async def _step(self) -> None:
+        if self._needs_catch_up and not await self._catch_up():
+            self._failed_commits_in_a_row += 1
+            await asyncio.sleep(min(0.001 * 2 ** min(self._failed_commits_in_a_row, 20),
+                                    MAX_COMMIT_BACKOFF))
+            self._dispatch_wanted = True
+            return
         now = self.clock.now()
         self.taskset.advance(now)
         commands: list[_Command] = []
@@ -746,12 +753,47 @@ class Orchestrator:
         """
         self.metrics["commit_failures"] += 1
         self._rollback(batch, exc)
+        if isinstance(exc, StoreUnavailable):
+            # The batch may have been committed after all (the connection dropped after it
+            # was sent): re-read the log before deciding anything else.
+            self._needs_catch_up = True
         self._failed_commits_in_a_row += 1
         pause = min(0.001 * 2 ** min(self._failed_commits_in_a_row, 20), MAX_COMMIT_BACKOFF)
         if self._failed_commits_in_a_row in (1, 10) or pause >= MAX_COMMIT_BACKOFF:
             log.warning("commit failed (%d in a row): %s; retrying in %.3f s",
                         self._failed_commits_in_a_row, exc.message, pause)
         await asyncio.sleep(pause)
+
+    async def _catch_up(self) -> bool:
+        """Fold events the TaskSet has not seen (a commit whose outcome was unknown).
+
+        Attempts such a commit started were never pushed to their shepherd: they become
+        orphans and are declared lost (and retried) by the next pass. Returns False while the
+        log cannot be read.
+        """
+        changed: set[UUID] = set()
+        try:
+            while page := await self.store.read_all(self.taskset.position, 10_000):
+                for stored in page:
+                    self.taskset.apply(stored)
+                    if stored.type.startswith("Task"):
+                        changed.add(stored.stream_id)
+                        self._tasks.pop(stored.stream_id, None)
+                    if stored.type == "TaskAttemptStarted.v1":
+                        record = self.taskset.tasks.get(stored.stream_id)
+                        if record is not None and record.current_attempt is not None:
+                            self._orphans[(stored.stream_id, record.current_attempt)] = 0.0
+        except AzollaDomainError as exc:
+            log.warning("cannot re-read the log yet (%s)", exc.message)
+            return False
+        if changed:
+            log.warning("a commit reported as failed had been recorded: %d tasks caught up",
+                        len(changed))
+        self.taskset.advance(self.clock.now())
+        self._after_apply(changed)
+        self._needs_catch_up = False
+        self._dispatch_wanted = True
+        return True
 
     def _apply_committed(self, events: list[NewEvent], payloads: list[dict[str, Any]],
                          positions: list[int], now: float) -> None:
@@ -762,6 +804,11 @@ class Orchestrator:
             if event.type.startswith("Task"):
                 changed.add(event.stream_id)
         taskset.advance(now)
+        self._after_apply(changed)
+
+    def _after_apply(self, changed: set[UUID]) -> None:
+        """Tell watchers and waiters about committed changes of these tasks."""
+        taskset = self.taskset
         for task_id in changed:
             record = taskset.tasks.get(task_id)
             if record is None:

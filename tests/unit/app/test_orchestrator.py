@@ -590,3 +590,51 @@ async def test_commits_that_keep_failing_back_off(log: InMemoryEventLog) -> None
     [other] = await orch.submit([SubmitRequest(name="u", group="elsewhere")])
     assert (await orch.status("default", other.task_id)).state is TaskState.QUEUED
     await orch.stop()
+
+
+class CommitsThenFails(InMemoryEventStore):
+    """Commits the first batch that matches ``kind``, then reports it as failed (a dropped
+    connection after the commit: the caller cannot know)."""
+
+    def __init__(self, log: InMemoryEventLog, kind: str) -> None:
+        super().__init__(log)
+        self.kind = kind
+        self.tricked = False
+
+    async def append(self, events: Sequence[NewEvent]) -> list[int]:
+        positions = await super().append(events)
+        if not self.tricked and any(e.type == self.kind for e in events):
+            self.tricked = True
+            raise StoreUnavailable("commit outcome unknown: the connection dropped")
+        return positions
+
+
+async def test_a_dispatch_committed_but_reported_failed_is_retried_not_stuck(
+        log: InMemoryEventLog) -> None:
+    store = CommitsThenFails(log, "TaskAttemptStarted.v1")
+    orch = Orchestrator(store)
+    await orch.start()
+    sh = await shepherd(orch, {"t": lambda: "done"})
+    [r] = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY)])
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert store.tricked
+    assert outcome is not None
+    assert outcome.state is TaskState.SUCCEEDED
+    attempts = (await orch.status("default", r.task_id)).attempts
+    assert [a.state for a in attempts] == ["lost", "succeeded"]
+    assert len(sh.executions) == 1
+    await orch.stop()
+
+
+async def test_a_submit_committed_but_reported_failed_keeps_its_key(
+        log: InMemoryEventLog) -> None:
+    store = CommitsThenFails(log, "TaskSubmitted.v1")
+    orch = Orchestrator(store)
+    await orch.start()
+    with pytest.raises(StoreUnavailable):
+        await orch.submit([SubmitRequest(name="t", idempotency_key="once")])
+    [again] = await orch.submit([SubmitRequest(name="t", idempotency_key="once")])
+    assert again.deduplicated
+    submitted = [e for e in await store.read_all(0, 100) if e.type == "TaskSubmitted.v1"]
+    assert [e.stream_id for e in submitted] == [again.task_id]
+    await orch.stop()
