@@ -184,9 +184,10 @@ def _echo_new(path: Path, seen: int, name: str) -> int:
 
 def harness_args(p: dict[str, Any], lib: str, *, n: int | None = None,
                  skip_enqueue: bool = False, label: str = "") -> list[str]:
-    args = ["-n", str(n or p["n"]), "--single", str(p["single"]), "--concurrent",
+    n = n or p["n"]
+    args = ["-n", str(n), "--single", str(p["single"]), "--concurrent",
             str(p["concurrent"]), "--configs", p["configs"][lib], "--duration",
-            str(p["duration"]), "--rate-frac", "0.5"]
+            str(p["duration"]), "--rate-frac", "0.5", "--e2e-single", str(max(1, n // 2))]
     if skip_enqueue:
         args.append("--skip-enqueue")
     if label:

@@ -16,10 +16,13 @@ calls ``main(Adapter)``.  The harness then runs, against the PostgreSQL server n
      a. end-to-end  : workers started and idle, then N jobs are batch-enqueued;
                       time from the first enqueue call to the last job
                       completed (completion timestamp read back from the DB).
-     b. paced       : fresh workers, single enqueues paced at R jobs/s for D s
-                      (R = ``--rate``, or ``--rate-frac`` x the smaller of this
+     b. e2e single  : (``--e2e-single M``) like a., but M jobs arrive as single
+                      enqueues from the --concurrent coroutines;
+     c. paced       : fresh workers, single enqueues paced at R jobs/s for D s
+                      (R = ``--rate``, or ``--rate-frac`` x the smaller of the
                       config's e2e throughput and the concurrent single-enqueue
-                      rate); each send is its own coroutine, started on an
+                      rate);
+                      each send is its own coroutine, started on an
                       absolute schedule, so the offered rate does not depend on
                       the enqueue latency; enqueue-to-start latency = handler
                       start - wall clock just before the enqueue call (carried in
@@ -387,6 +390,35 @@ async def phase_e2e(adapter, script, procs, conc, n, b, outdir, pg_pid) -> dict:
     return res
 
 
+async def phase_e2e_single(adapter, script, procs, conc, n, coroutines, outdir, pg_pid) -> dict:
+    """Like phase_e2e, but the jobs arrive as single enqueues from ``coroutines`` callers."""
+    await adapter.clean()
+    w = Workers(script, procs, conc, "e2e1", outdir)
+    counter = iter(range(n))
+
+    async def producer() -> None:
+        for _ in counter:
+            await adapter.enqueue_one(None)
+
+    try:
+        w.wait_ready()
+        if hasattr(adapter, "wait_workers_ready"):
+            await adapter.wait_workers_ready(procs)
+        meter = CpuMeter(adapter, w, pg_pid)
+        c0 = meter.sample()
+        t0 = time.time()
+        await asyncio.wait_for(asyncio.gather(*(producer() for _ in range(coroutines))),
+                               PHASE_TIMEOUT)
+        enq_s = time.time() - t0
+        res = await wait_done(adapter, w, t0)
+        c1 = meter.sample()
+    finally:
+        w.stop()
+    res.update(enqueue_s=enq_s, coroutines=coroutines, **CpuMeter.delta(c0, c1))
+    await adapter.clean()
+    return res
+
+
 async def phase_paced(adapter, script, procs, conc, rate, dur, outdir, pg_pid) -> dict:
     await adapter.clean()
     w = Workers(script, procs, conc, "paced", outdir)
@@ -462,6 +494,9 @@ def main(adapter_cls) -> None:
                          "--rate when the e2e phase ran)")
     ap.add_argument("--max-rate", type=float, default=20000.0, help="cap of the paced rate")
     ap.add_argument("--duration", type=float, default=10.0, help="paced load, seconds")
+    ap.add_argument("--e2e-single", type=int, default=0, metavar="N",
+                    help="also run N jobs end to end as single enqueues from --concurrent "
+                         "coroutines (0 = skip)")
     ap.add_argument("--skip-enqueue", action="store_true",
                     help="skip the single/batch/concurrent enqueue phases")
     ap.add_argument("--skip-e2e", action="store_true")
@@ -495,6 +530,7 @@ def main(adapter_cls) -> None:
               "postgres": pg_server_version(), "pg_settings": pg_settings(),
               "python": platform.python_version(), "cpus": os.cpu_count(),
               "n": a.n, "single_n": a.single, "batch": a.batch, "concurrent": a.concurrent,
+              "e2e_single_n": a.e2e_single,
               "rate": a.rate, "rate_frac": a.rate_frac, "duration": a.duration,
               "analyzed_after_batch": not a.no_analyze, "configs": {}}
     name = adapter_cls.NAME
@@ -545,6 +581,18 @@ def main(adapter_cls) -> None:
                             rate = min(a.max_rate, a.rate_frac * cap)
                     except Exception as e:  # record and go on
                         r["e2e"] = {"error": repr(e)}
+                        print(f"  !! {e!r}", flush=True)
+                if a.e2e_single and not a.skip_e2e:
+                    coroutines = a.concurrent or 64
+                    print(f"[{name}] {cfg}: end-to-end x{a.e2e_single} as single enqueues "
+                          f"({coroutines} coroutines)", flush=True)
+                    try:
+                        r["e2e_single"] = e1 = await phase_e2e_single(
+                            adapter, script, procs, conc, a.e2e_single, coroutines, tmp, pg_pid)
+                        print(f"  -> {e1['throughput_jobs_s']:.0f} jobs/s "
+                              f"(cpu {e1['host_cpu_busy_pct']}%)", flush=True)
+                    except Exception as e:
+                        r["e2e_single"] = {"error": repr(e)}
                         print(f"  !! {e!r}", flush=True)
                 if a.skip_paced:
                     continue
