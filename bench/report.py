@@ -324,10 +324,10 @@ def configs_md(s: dict[str, Any]) -> str:
                 notes.append(f"{f['timed_out']} timed out")
             if f["errors"]:
                 notes.append(f"{len(f['errors'])} error(s): {str(f['errors'][0])[:80]}")
-            if f.get("paced_bound") == "concurrent enqueue":
-                notes.append("paced rate bound by the concurrent-submit rate")
-            elif f.get("paced_bound") == "e2e":
-                notes.append("paced at 50 % of the batch-submit e2e rate")
+            bound = {"concurrent enqueue": "concurrent single submits",
+                     "e2e": "e2e (batch submits)", "e2e single": "e2e (single submits)"}
+            if f.get("paced_bound"):
+                notes.append(f"paced at 50 % of {bound.get(f['paced_bound'], '?')}")
             if f.get("paced_late"):
                 notes.append(f"~{f['paced_late']:.0f} sends > 10 ms late")
             procs, conc = f["procs"], f["concurrency"]
@@ -491,10 +491,11 @@ def section_md(s: dict[str, Any], results: dict[str, Any], notes: str) -> str:
         "are for the end-to-end phase; paced latency = task code start − wall clock before the "
         "submit call (carried in the task's arguments). \"e2e, single submits\" is the "
         "end-to-end rate when the tasks arrive as single submits from many concurrent callers "
-        "instead of batches. The paced rate is 50 % of the smaller of the config's end-to-end "
-        "rate and the library's concurrent single-submit rate; paced sends arrive one by one, "
-        "so they cost more per task than the batches of the end-to-end run (see the host CPU "
-        "during the paced run).",
+        "instead of batches. The paced rate is 50 % of the smallest of the config's two "
+        "end-to-end rates and the library's concurrent single-submit rate (the notes say which), "
+        "i.e. half of what the paced workload's ingredients sustain; paced sends arrive one by "
+        "one, so they may still cost more per task than in those runs (see the host CPU during "
+        "the paced run).",
         configs_md(s),
         stages_md(s),
         "### Recovery (Azolla only)",

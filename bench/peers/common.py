@@ -19,9 +19,9 @@ calls ``main(Adapter)``.  The harness then runs, against the PostgreSQL server n
      b. e2e single  : (``--e2e-single M``) like a., but M jobs arrive as single
                       enqueues from the --concurrent coroutines;
      c. paced       : fresh workers, single enqueues paced at R jobs/s for D s
-                      (R = ``--rate``, or ``--rate-frac`` x the smaller of the
-                      config's e2e throughput and the concurrent single-enqueue
-                      rate);
+                      (R = ``--rate``, or ``--rate-frac`` x the smallest of the
+                      config's e2e throughputs (batch and single enqueues) and
+                      the concurrent single-enqueue rate);
                       each send is its own coroutine, started on an
                       absolute schedule, so the offered rate does not depend on
                       the enqueue latency; enqueue-to-start latency = handler
@@ -489,8 +489,8 @@ def main(adapter_cls) -> None:
     ap.add_argument("--configs", default=None, help="worker configs PxC, comma separated")
     ap.add_argument("--rate", type=float, default=500.0, help="paced load, jobs/s")
     ap.add_argument("--rate-frac", type=float, default=0.0,
-                    help="paced load as this fraction of the smaller of the config's e2e "
-                         "throughput and the concurrent single-enqueue rate (overrides "
+                    help="paced load as this fraction of the smallest of the config's e2e "
+                         "throughputs and the concurrent single-enqueue rate (overrides "
                          "--rate when the e2e phase ran)")
     ap.add_argument("--max-rate", type=float, default=20000.0, help="cap of the paced rate")
     ap.add_argument("--duration", type=float, default=10.0, help="paced load, seconds")
@@ -562,6 +562,10 @@ def main(adapter_cls) -> None:
                 r = result["configs"][cfg] = {"procs": procs, "concurrency": conc,
                                               "worker_settings": adapter.worker_settings(conc)}
                 rate = a.rate
+                caps: dict[str, float] = {}  # measured capacities this config's pacing uses
+                single = dig(result, "enqueue_concurrent", "jobs_s")
+                if single:
+                    caps["concurrent enqueue"] = single
                 if not a.skip_e2e:
                     print(f"[{name}] {cfg}: end-to-end x{a.n}", flush=True)
                     try:
@@ -570,15 +574,8 @@ def main(adapter_cls) -> None:
                         e = r["e2e"]
                         print(f"  -> {e['throughput_jobs_s']:.0f} jobs/s ({e['e2e_s']:.2f}s, "
                               f"cpu {e['host_cpu_busy_pct']}%)", flush=True)
-                        if a.rate_frac and e["completed"]:
-                            # 50 % (say) of the most this workload sustains: end-to-end
-                            # execution, and single submits (paced sends are single submits).
-                            cap = e["throughput_jobs_s"]
-                            single = dig(result, "enqueue_concurrent", "jobs_s")
-                            r["paced_bound"] = "e2e"
-                            if single and single < cap:
-                                cap, r["paced_bound"] = single, "concurrent enqueue"
-                            rate = min(a.max_rate, a.rate_frac * cap)
+                        if e["completed"]:
+                            caps["e2e"] = e["throughput_jobs_s"]
                     except Exception as e:  # record and go on
                         r["e2e"] = {"error": repr(e)}
                         print(f"  !! {e!r}", flush=True)
@@ -591,9 +588,16 @@ def main(adapter_cls) -> None:
                             adapter, script, procs, conc, a.e2e_single, coroutines, tmp, pg_pid)
                         print(f"  -> {e1['throughput_jobs_s']:.0f} jobs/s "
                               f"(cpu {e1['host_cpu_busy_pct']}%)", flush=True)
+                        if e1["completed"]:
+                            caps["e2e single"] = e1["throughput_jobs_s"]
                     except Exception as e:
                         r["e2e_single"] = {"error": repr(e)}
                         print(f"  !! {e!r}", flush=True)
+                if a.rate_frac and "e2e" in caps:
+                    # A fraction of the most this config sustains for the paced workload
+                    # (single submits executed end to end): the smallest measured capacity.
+                    r["paced_bound"] = min(caps, key=lambda k: caps[k])
+                    rate = min(a.max_rate, a.rate_frac * caps[r["paced_bound"]])
                 if a.skip_paced:
                     continue
                 print(f"[{name}] {cfg}: paced {rate:.0f}/s for {a.duration}s", flush=True)
