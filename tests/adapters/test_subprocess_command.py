@@ -87,7 +87,7 @@ async def test_results_and_errors_come_back_through_report_result(
     ok = await executor.execute(req("add", 20, kwargs={"b": "22"}))
     assert (ok.ok, ok.value_json) == (True, "42")
     assert executor.endpoint.startswith("http://127.0.0.1:")
-    greeting = await executor.execute(req("greet_user", kwargs={"name": "Alice", "age": 25}))
+    greeting = await executor.execute(req("greet", kwargs={"name": "Alice", "age": 25}))
     assert orjson.loads(greeting.value_json) == {"greeting": "Hello Alice! You are 25 years old."}
     declined = await executor.execute(req("fail_final"))
     assert (declined.error_type, declined.retriable) == ("PaymentDeclined", False)
