@@ -9,20 +9,23 @@ acknowledged) → exactly one of ``succeeded`` | ``failed`` | ``lost`` | ``timed
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, ClassVar, cast
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
 from azolla.domain.errors import AttemptNotRunning, InvalidTransition
-from azolla.domain.values import LIVE_ATTEMPT_STATES, AttemptState, ErrorInfo, attempt_stream_id
+from azolla.domain.values import (
+    LIVE_ATTEMPT_STATES,
+    AttemptState,
+    ErrorInfo,
+    attempt_stream_id,
+    event_time,
+)
 
 __all__ = ["Attempt", "ensure_live"]
 
 
-def _ts(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 def ensure_live(state: AttemptState, number: int) -> None:
@@ -139,7 +142,7 @@ class Attempt(Aggregate):
         return cls._create(
             cls.Assigned,
             id=attempt_stream_id(task_id, number),
-            timestamp=_ts(now),
+            timestamp=event_time(now),
             task_id=str(task_id),
             number=number,
             shepherd_id=shepherd_id,
@@ -157,7 +160,7 @@ class Attempt(Aggregate):
         ensure_live(self.state, self.number)
         if self.state is AttemptState.RUNNING:
             return False
-        self.trigger_event(self.Running, timestamp=_ts(now))
+        self.trigger_event(self.Running, timestamp=event_time(now))
         return True
 
     def end(self, outcome: AttemptState, now: float, error: ErrorInfo | None = None) -> None:
@@ -170,10 +173,10 @@ class Attempt(Aggregate):
         ensure_live(self.state, self.number)
         if outcome in LIVE_ATTEMPT_STATES:
             raise InvalidTransition(f"{outcome.value} is not an outcome")
-        self.trigger_event(self.Ended, timestamp=_ts(now), outcome=outcome.value,
+        self.trigger_event(self.Ended, timestamp=event_time(now), outcome=outcome.value,
                            error=error.to_dict() if error else None)
 
     def reject_outcome(self, reported: str, reason: str, now: float) -> None:
         """Record that a late outcome for this attempt was refused."""
-        self.trigger_event(self.OutcomeRejected, timestamp=_ts(now), reported=reported,
+        self.trigger_event(self.OutcomeRejected, timestamp=event_time(now), reported=reported,
                            reason=reason)

@@ -6,20 +6,17 @@ in memory only (they are rebuilt from the running attempts a reconnecting shephe
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import ClassVar, cast
 
 from eventsourcing.domain import Aggregate
 
 from azolla.domain.errors import CapacityExceeded, InvalidTransition
-from azolla.domain.values import partition_day, shepherd_stream_id
+from azolla.domain.values import event_time, partition_day, shepherd_stream_id
 
 __all__ = ["Shepherd", "ShepherdState"]
 
 
-def _ts(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 class ShepherdState(StrEnum):
@@ -124,7 +121,7 @@ class Shepherd(Aggregate):
         if capacity < 1:
             raise InvalidTransition(f"a shepherd needs a capacity of at least 1, got {capacity}")
         return cls._create(cls.Registered, id=shepherd_stream_id(shepherd_uuid),
-                           timestamp=_ts(now), shepherd_uuid=shepherd_uuid, domain=domain,
+                           timestamp=event_time(now), shepherd_uuid=shepherd_uuid, domain=domain,
                            group=group, capacity=capacity,
                            software_version=software_version)
 
@@ -143,18 +140,18 @@ class Shepherd(Aggregate):
             raise InvalidTransition("the shepherd is already connected")
         if capacity < 1:
             raise InvalidTransition(f"a shepherd needs a capacity of at least 1, got {capacity}")
-        self.trigger_event(self.Connected, timestamp=_ts(now), capacity=capacity,
+        self.trigger_event(self.Connected, timestamp=event_time(now), capacity=capacity,
                            software_version=software_version)
 
     def disconnect(self, reason: str, now: float) -> None:
         """Record that the stream ended. No-op unless connected."""
         if self.state is ShepherdState.CONNECTED or self.state is ShepherdState.DRAINED:
-            self.trigger_event(self.Disconnected, timestamp=_ts(now), reason=reason)
+            self.trigger_event(self.Disconnected, timestamp=event_time(now), reason=reason)
 
     def expire(self, now: float) -> None:
         """Record that the shepherd went silent. No-op unless connected or draining."""
         if self.state is ShepherdState.CONNECTED or self.state is ShepherdState.DRAINED:
-            self.trigger_event(self.Expired, timestamp=_ts(now))
+            self.trigger_event(self.Expired, timestamp=event_time(now))
 
     def drain(self, now: float) -> None:
         """Record that the shepherd takes no more work.
@@ -164,7 +161,7 @@ class Shepherd(Aggregate):
         """
         if self.state is not ShepherdState.CONNECTED:
             raise InvalidTransition("only a connected shepherd can drain")
-        self.trigger_event(self.Drained, timestamp=_ts(now))
+        self.trigger_event(self.Drained, timestamp=event_time(now))
 
     def reserve(self, task_id: str, attempt: int) -> None:
         """Take one slot for an attempt.

@@ -8,7 +8,6 @@ directly; the nested event classes only apply facts.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, cast
 from uuid import UUID
 
@@ -29,6 +28,7 @@ from azolla.domain.values import (
     TERMINAL_TASK_STATES,
     ErrorInfo,
     TaskState,
+    event_time,
     partition_day,
 )
 
@@ -38,17 +38,6 @@ INFRASTRUCTURE_ERROR = "InfrastructureError"
 TIMEOUT_ERROR = "TaskTimeout"
 
 
-def _ts(epoch: float) -> datetime:
-    """Return ``epoch`` as an aware datetime, truncated (never rounded up) to the microsecond.
-
-    Event times must not postdate the command's ``now``: ``submitted_at`` (read back from the
-    creation event) is the task's first ``ready_at``, and a task started at the very instant it
-    was submitted must be due.
-    """
-    moment = datetime.fromtimestamp(epoch, tz=UTC)
-    if moment.timestamp() > epoch:
-        moment -= timedelta(microseconds=1)
-    return moment
 
 
 def fence(state: TaskState, current_attempt: int | None, reported: int) -> None:
@@ -260,7 +249,7 @@ class Task(Aggregate):
         return cls._create(
             cls.Submitted,
             id=task_id,
-            timestamp=_ts(now),
+            timestamp=event_time(now),
             name=name,
             domain=domain,
             group=group,
@@ -290,7 +279,7 @@ class Task(Aggregate):
             raise InvalidTransition(f"all {self.policy.max_attempts} attempts have been used")
         number = self.attempts + 1
         self.trigger_event(
-            self.AttemptStarted, timestamp=_ts(now), attempt=number, shepherd_id=shepherd_id
+            self.AttemptStarted, timestamp=event_time(now), attempt=number, shepherd_id=shepherd_id
         )
         return number
 
@@ -302,7 +291,8 @@ class Task(Aggregate):
             StaleAttempt: ``attempt`` is not the running attempt.
         """
         fence(self.state, self.current_attempt, attempt)
-        self.trigger_event(self.Succeeded, timestamp=_ts(now), attempt=attempt, result=result)
+        self.trigger_event(self.Succeeded, timestamp=event_time(now), attempt=attempt,
+                           result=result)
 
     def fail(self, attempt: int, error: ErrorInfo, now: float, jitter: float,
              outcome: str = "failed") -> bool:
@@ -333,11 +323,11 @@ class Task(Aggregate):
             jitter=jitter,
         )
         if decision.retry:
-            self.trigger_event(self.RetryScheduled, timestamp=_ts(now), attempt=attempt,
+            self.trigger_event(self.RetryScheduled, timestamp=event_time(now), attempt=attempt,
                                outcome=outcome, error=error.to_dict(),
                                retry_at=now + decision.delay)
         else:
-            self.trigger_event(self.Failed, timestamp=_ts(now), attempt=attempt,
+            self.trigger_event(self.Failed, timestamp=event_time(now), attempt=attempt,
                                outcome=outcome, error=error.to_dict(), reason=decision.reason)
         return decision.retry
 
@@ -359,10 +349,10 @@ class Task(Aggregate):
         decision = decide_lost_retry(self.policy, attempts_started=self.attempts,
                                      submitted_at=self.submitted_at, now=now)
         if decision.retry:
-            self.trigger_event(self.RetryScheduled, timestamp=_ts(now), attempt=attempt,
+            self.trigger_event(self.RetryScheduled, timestamp=event_time(now), attempt=attempt,
                                outcome="lost", error=error.to_dict(), retry_at=now)
             return True
-        self.trigger_event(self.Failed, timestamp=_ts(now), attempt=attempt, outcome="lost",
+        self.trigger_event(self.Failed, timestamp=event_time(now), attempt=attempt, outcome="lost",
                            error=error.to_dict(), reason=decision.reason)
         return False
 
@@ -375,5 +365,6 @@ class Task(Aggregate):
         if self.is_terminal:
             raise TaskAlreadyTerminal(f"the task has already {self.state.value}")
         running = self.current_attempt
-        self.trigger_event(self.Cancelled, timestamp=_ts(now), attempt=running, reason=reason)
+        self.trigger_event(self.Cancelled, timestamp=event_time(now), attempt=running,
+                           reason=reason)
         return running

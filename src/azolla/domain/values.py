@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "check_json_array",
     "check_json_object",
     "check_name",
+    "event_time",
     "partition_day",
     "shepherd_stream_id",
 ]
@@ -98,6 +100,19 @@ class ErrorInfo:
             data=dict(raw.get("data") or {}),
             retriable=bool(raw.get("retriable", True)),
         )
+
+
+def event_time(epoch: float) -> datetime:
+    """Return ``epoch`` as an aware datetime, truncated (never rounded up) to the microsecond.
+
+    Event times must not postdate the command's ``now``: ``submitted_at`` (read back from the
+    creation event) is the task's first ``ready_at``, and a task started at the very instant it
+    was submitted must be due.
+    """
+    moment = datetime.fromtimestamp(epoch, tz=UTC)
+    if moment.timestamp() > epoch:
+        moment -= timedelta(microseconds=1)
+    return moment
 
 
 def partition_day(timestamp: float) -> int:
