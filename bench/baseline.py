@@ -90,8 +90,26 @@ def serve(port: int) -> None:
 
 # -- client ------------------------------------------------------------------------------------
 
-async def measure(target: str, seconds: float = 3.0, concurrency: int = 64) -> dict[str, Any]:
-    """Measure the four figures against an echo server at ``target`` (host:port)."""
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of process ``pid``; 0.0 when unknown."""
+    import os
+
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(target: str, seconds: float = 3.0, concurrency: int = 64,
+                  server_pid: int | None = None) -> dict[str, Any]:
+    """Measure the four figures against an echo server at ``target`` (host:port).
+
+    With ``server_pid``, also the server's CPU per sequential unary call.
+    """
     import grpc.aio
 
     out: dict[str, Any] = {"seconds_per_figure": seconds, "concurrency": concurrency,
@@ -103,6 +121,7 @@ async def measure(target: str, seconds: float = 3.0, concurrency: int = 64) -> d
             await unary(PAYLOAD, timeout=10)
 
         lat: list[float] = []
+        cpu0 = _cpu_s(server_pid)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             t = time.perf_counter()
@@ -110,6 +129,9 @@ async def measure(target: str, seconds: float = 3.0, concurrency: int = 64) -> d
             lat.append((time.perf_counter() - t) * 1000)
         dt = time.perf_counter() - t0
         out["unary_seq"] = {"calls": len(lat), "per_s": len(lat) / dt, "lat_ms": _lat(lat)}
+        if server_pid is not None and lat:
+            out["unary_seq"]["server_cpu_ms_per_call"] = (
+                (_cpu_s(server_pid) - cpu0) * 1000 / len(lat))
 
         count = 0
         end = time.perf_counter() + seconds
@@ -184,7 +206,7 @@ def run_baseline(python: str, seconds: float, concurrency: int = 64,
         line = server.stdout.readline()  # "ready" (or EOF if it died)
         if b"ready" not in line:
             raise RuntimeError("the echo server did not start")
-        return asyncio.run(measure(f"127.0.0.1:{port}", seconds, concurrency))
+        return asyncio.run(measure(f"127.0.0.1:{port}", seconds, concurrency, server.pid))
     finally:
         server.send_signal(signal.SIGTERM)
         try:

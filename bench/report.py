@@ -112,6 +112,12 @@ def lib_figures(results: dict[str, Any], key: str) -> dict[str, Any]:
         vals = [dig(r, "enqueue_single", "lat_ms", q) for r in runs]
         out[f"submit_{q}"] = med(vals)
         out[f"submit_{q}_range"] = spread(vals)
+    out["server_cpu_ms_per_submit"] = med([dig(r, "enqueue_single", "cpu_ms_per_call",
+                                               "orchestrator") for r in runs])
+    out["client_cpu_ms_per_submit"] = med([dig(r, "enqueue_single", "cpu_ms_per_call",
+                                                "producer") for r in runs])
+    out["pg_cpu_ms_per_submit"] = med([dig(r, "enqueue_single", "cpu_ms_per_call", "postgres")
+                                       for r in runs])
     out["batch_rate"] = med([dig(r, "enqueue_batch", "jobs_s") for r in runs])
     out["batch_range"] = spread([dig(r, "enqueue_batch", "jobs_s") for r in runs])
     out["concurrent_rate"] = med([dig(r, "enqueue_concurrent", "jobs_s") for r in runs])
@@ -175,6 +181,13 @@ def rows(s: dict[str, Any]) -> list[dict[str, Any]]:
                   vals("submit_p50"), "< 1 ms", None if p50 is None else p50 < 1.0))
     r.append(_row("Submit latency p95", "ms", "lower", vals("submit_p95")))
     r.append(_row("Submit latency p99", "ms", "lower", vals("submit_p99")))
+    if az.get("server_cpu_ms_per_submit") is not None:
+        r.append(_row("  … Azolla server CPU per sequential submit", "ms", "lower",
+                      {"azolla": az.get("server_cpu_ms_per_submit")}))
+    r.append(_row("  … PostgreSQL CPU per sequential submit", "ms", "lower",
+                  vals("pg_cpu_ms_per_submit")))
+    r.append(_row("  … client (SDK / driver) CPU per sequential submit", "ms", "lower",
+                  vals("client_cpu_ms_per_submit")))
     r.append(_row("Single submits, sequential", "tasks/s", "higher", vals("single_rate")))
     conc = az.get("concurrent_coroutines") or next(
         (libs[p].get("concurrent_coroutines") for p in PEERS if libs.get(p)), None)
@@ -236,6 +249,9 @@ def rows(s: dict[str, Any]) -> list[dict[str, Any]]:
                       {"azolla": dig(b, "unary_seq", "lat_ms", "p50")}))
         r.append(_row("Floor: no-op unary calls, sequential", "calls/s", "higher",
                       {"azolla": dig(b, "unary_seq", "per_s")}))
+        if dig(b, "unary_seq", "server_cpu_ms_per_call") is not None:
+            r.append(_row("Floor: echo server CPU per no-op unary call", "ms", "lower",
+                          {"azolla": dig(b, "unary_seq", "server_cpu_ms_per_call")}))
         r.append(_row(f"Floor: no-op unary calls, {b.get('concurrency')} concurrent", "calls/s",
                       "higher", {"azolla": dig(b, "unary_conc", "per_s")}))
         r.append(_row("Floor: bidi stream message pair p50 (ping-pong)", "ms", "lower",

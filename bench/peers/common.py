@@ -314,17 +314,24 @@ async def wait_done(adapter, workers: Workers, t0: float) -> dict:
             "throughput_jobs_s": done / (end - t0) if done else 0.0}
 
 
-async def phase_single(adapter, s: int) -> dict:
+async def phase_single(adapter, s: int, pg_pid: int | None = None) -> dict:
     await adapter.clean()
     lat = []
+    meter = CpuMeter(adapter, None, pg_pid)
+    c0 = meter.sample()
     t0 = time.perf_counter()
     for _ in range(s):
         t = time.perf_counter()
         await adapter.enqueue_one(None)
         lat.append((time.perf_counter() - t) * 1000)
     dt = time.perf_counter() - t0
+    cpu = CpuMeter.delta(c0, meter.sample())
     await adapter.clean()
-    return {"jobs": s, "seconds": dt, "jobs_s": s / dt, "lat_ms": percentiles(lat)}
+    # CPU per call of each process (producer, Postgres, aux such as Azolla's server), in ms
+    per_call = {k.removesuffix("_cpu_s"): round(v * 1000 / s, 3) for k, v in cpu.items()
+                if k.endswith("_cpu_s") and k != "worker_cpu_s" and v == v}
+    return {"jobs": s, "seconds": dt, "jobs_s": s / dt, "lat_ms": percentiles(lat),
+            "cpu_ms_per_call": per_call}
 
 
 async def enqueue_batches(adapter, n: int, b: int) -> float:
@@ -542,7 +549,7 @@ def main(adapter_cls) -> None:
         try:
             if not a.skip_enqueue:
                 print(f"[{name}] single enqueue x{a.single}", flush=True)
-                r = result["enqueue_single"] = await phase_single(adapter, a.single)
+                r = result["enqueue_single"] = await phase_single(adapter, a.single, pg_pid)
                 print(f"  -> {r['jobs_s']:.0f} jobs/s, p50 {r['lat_ms']['p50']:.2f} ms", flush=True)
                 print(f"[{name}] batch enqueue x{a.n} (batch {a.batch})", flush=True)
                 result["enqueue_batch"] = await phase_batch(adapter, a.n, a.batch, not a.no_analyze)
