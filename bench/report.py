@@ -157,7 +157,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "submitters": results.get("submitters"), "restart": results.get("restart"),
         "shepherd_death": results.get("shepherd_death"), "profiles": results.get("profiles"),
     }
-    s["rows"] = rows(s)
+    s["rows"] = [r for r in rows(s) if any(v is not None for v in r["values"].values())]
     return s
 
 
@@ -479,7 +479,7 @@ def setup_md(s: dict[str, Any], results: dict[str, Any]) -> str:
         f"| sizes | N = {p.get('n'):,} tasks for batch submit and end-to-end "
         f"(process mode: {p.get('process_n'):,}); {p.get('single'):,} sequential submits; "
         f"{p.get('concurrent')} concurrent callers; paced runs {p.get('duration')} s at 50 % "
-        f"of the config's end-to-end rate |",
+        f"load (see \"Per worker config\") |",
     ])
 
 
@@ -584,57 +584,65 @@ def plot(s: dict[str, Any], path: Path) -> None:
     libs = s["libs"]
     colors = {"azolla": "#2e7d32", "pgqueuer": "#1565c0", "procrastinate": "#ef6c00"}
     names = {"azolla": "Azolla", "pgqueuer": "PgQueuer", "procrastinate": "Procrastinate"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    cats = [("sequential\nsubmits", "single_rate"), ("concurrent\nsubmits", "concurrent_rate"),
-            ("batch\nsubmit", "batch_rate"), ("end-to-end\n(best config)", "e2e")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.8))
     width = 0.26
-    for i, lib in enumerate(LIBS):
-        vals = [libs.get(lib, {}).get(k) or 0 for _, k in cats]
-        xs = [j + (i - 1) * width for j in range(len(cats))]
-        bars = ax1.bar(xs, vals, width, label=names[lib], color=colors[lib])
-        for bar, v in zip(bars, vals, strict=True):
-            if v:
-                ax1.annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v),
-                             ha="center", va="bottom", fontsize=7, rotation=90)
+
+    def bars(ax: Any, cats: list[tuple[str, str]], source: dict[str, dict[str, Any]],
+             label_fmt: Any) -> None:
+        for i, lib in enumerate(LIBS):
+            vals = [source.get(lib, {}).get(k) or 0 for _, k in cats]
+            xs = [j + (i - 1) * width for j in range(len(cats))]
+            drawn = ax.bar(xs, vals, width, label=names[lib], color=colors[lib])
+            for bar, v in zip(drawn, vals, strict=True):
+                if v:
+                    ax.annotate(label_fmt(v), (bar.get_x() + bar.get_width() / 2, v),
+                                ha="center", va="bottom", fontsize=7, rotation=90,
+                                xytext=(0, 2), textcoords="offset points")
+
+    tcats = [("sequential\nsubmits", "single_rate"), ("concurrent\nsubmits", "concurrent_rate"),
+             ("batch\nsubmit", "batch_rate"), ("end-to-end\n(batch submits)", "e2e"),
+             ("end-to-end\n(single submits)", "e2e_single")]
+    bars(ax1, tcats, libs, lambda v: f"{v:,.0f}")
     proc = libs.get("azolla-process", {}).get("e2e")
     if proc:
-        ax1.bar([len(cats) - 1 + 1.5 * width], [proc], width * 0.8, color=colors["azolla"],
-                alpha=0.45, label="Azolla, process mode")
+        x = len(tcats)
+        ax1.bar([x - width], [proc], width, color=colors["azolla"], alpha=0.5)
+        ax1.annotate(f"{proc:,.0f}", (x - width, proc), ha="center", va="bottom", fontsize=7,
+                     rotation=90, xytext=(0, 2), textcoords="offset points")
+        tcats.append(("end-to-end\n(Azolla\nprocess mode)", ""))
     b = s.get("baseline") or {}
     if dig(b, "unary_seq", "per_s"):
         ax1.axhline(b["unary_seq"]["per_s"], ls="--", color="grey", lw=1,
-                    label="floor: sequential no-op unary RPCs/s")
-    ax1.set_xticks(range(len(cats)), [c for c, _ in cats])
+                    label="floor: sequential no-op gRPC calls/s")
+    ax1.set_xticks(range(len(tcats)), [c for c, _ in tcats], fontsize=8)
     ax1.set_yscale("log")
     ax1.set_ylabel("tasks per second (log)")
-    ax1.set_title("Throughput")
-    ax1.legend(fontsize=8, loc="upper left")
+    ax1.set_title("Throughput (best worker config per library)")
+    ax1.margins(y=0.15)
     lcats = [("submit\np50", "submit_p50"), ("submit\np95", "submit_p95"),
              ("submit\np99", "submit_p99"), ("dispatch\np50", "lat_p50"),
              ("dispatch\np95", "lat_p95"), ("dispatch\np99", "lat_p99")]
-    for i, lib in enumerate(LIBS):
-        vals = [libs.get(lib, {}).get(k) or 0 for _, k in lcats]
-        xs = [j + (i - 1) * width for j in range(len(lcats))]
-        bars = ax2.bar(xs, vals, width, label=names[lib], color=colors[lib])
-        for bar, v in zip(bars, vals, strict=True):
-            if v:
-                ax2.annotate(f"{v:.1f}" if v < 100 else f"{v:,.0f}",
-                             (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                             va="bottom", fontsize=7, rotation=90)
+    bars(ax2, lcats, libs, lambda v: f"{v:.1f}" if v < 100 else f"{v:,.0f}")
     if dig(b, "unary_seq", "lat_ms", "p50"):
         ax2.axhline(b["unary_seq"]["lat_ms"]["p50"], ls="--", color="grey", lw=1,
-                    label="floor: no-op unary RPC p50")
+                    label="floor: no-op gRPC round trip p50")
     ax2.axhline(10, ls=":", color="red", lw=1, label="dispatch p99 target (10 ms)")
-    ax2.set_xticks(range(len(lcats)), [c for c, _ in lcats])
+    ax2.set_xticks(range(len(lcats)), [c for c, _ in lcats], fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("milliseconds (log)")
-    ax2.set_title("Latency (dispatch: paced at 50 % of each library's max)")
-    ax2.legend(fontsize=8, loc="upper left")
+    ax2.set_title("Latency: sequential submits; dispatch paced at 50 % load")
+    ax2.margins(y=0.15)
+    handles: dict[str, Any] = {}
+    for ax in (ax1, ax2):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=6, fontsize=8,
+               frameon=False)
     m = s.get("machine") or {}
     fig.suptitle(f"Azolla vs peers, same run: {m.get('cpus')} cores, {m.get('memory_gb')} GB, "
-                 f"PostgreSQL with fsync + synchronous_commit on ({s.get('started')})",
-                 fontsize=10)
-    fig.tight_layout()
+                 f"PostgreSQL with fsync + synchronous_commit on ({s.get('started')}; medians of "
+                 f"{s.get('repeats')} repeat(s))", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
