@@ -2,8 +2,10 @@
 
 One command::
 
-    .venv/bin/python bench/run.py --quick      # about 4-5 minutes
-    .venv/bin/python bench/run.py              # the full run (3 repeats, every worker config)
+    .venv/bin/python bench/run.py --quick      # about 3-5 minutes
+    .venv/bin/python bench/run.py              # the full run: 3 repeats, every worker config,
+                                               # about an hour (add --wait-idle 300 on a
+                                               # shared host)
 
 It starts a private PostgreSQL cluster (fsync and synchronous_commit on, the peers' settings),
 then measures, in this order:
@@ -11,9 +13,10 @@ then measures, in this order:
 1. baseline: a no-op grpc.aio unary round trip and bidi stream message pair (bench/baseline.py);
 2. per repeat, interleaved: Azolla (pool mode, then process mode), PgQueuer, Procrastinate
    through the same harness (bench/peers/common.py): sequential single submits (latency
-   percentiles), batch submits, concurrent single submits, end-to-end throughput of N no-op
-   tasks per worker config, and enqueue-to-start latency at 50 % of that config's end-to-end
-   throughput. Azolla runs as ``azolla-server`` plus ``azolla-shepherd`` subprocesses;
+   percentiles and CPU per call), batch submits, concurrent single submits, and per worker
+   config: end-to-end throughput of N no-op tasks (batch submits), the same with single
+   submits from many callers, and submit-to-start latency paced at 50 % of the smallest of
+   those capacities. Azolla runs as ``azolla-server`` plus ``azolla-shepherd`` subprocesses;
 3. Azolla only: single submits from several client processes at once, py-spy profiles of the
    orchestrator and a shepherd at peak load, orchestrator kill -9 + restart with 10k unfinished
    tasks, shepherd kill -9 with attempts running.
