@@ -36,8 +36,14 @@ outbox (bounded by ``max_buffered_results``; in practice by the attempts the she
 since no new work arrives while disconnected). Outcomes written during the last
 ``redeliver_window`` seconds of the broken stream are put back too: the write may not have
 reached the orchestrator, and the Hello/HelloAck exchange tells which ones it still wants.
-Reconnection uses exponential backoff with jitter, capped at ``reconnect_max_delay``, forever
-until :meth:`ShepherdRuntime.stop`.
+Reconnection: when a stream that had been up for a while (``stable_after``) breaks, the
+shepherd tries again at once (a dropped connection to a live server costs nothing more). When
+that fails it backs off exponentially with jitter, capped at ``reconnect_max_delay``, forever
+until :meth:`ShepherdRuntime.stop`; while the orchestrator is merely unreachable
+(``UNAVAILABLE``: nothing listens, as during a restart) each delay is also kept below a tenth
+(``reconnect_proportion``) of the outage so far, so a restarted orchestrator is found within
+about 10 % of its down time instead of up to 60 %. A refused connection costs the server
+nothing; a server that answers with an error still gets the plain exponential backoff.
 
 **Drain.** :meth:`ShepherdRuntime.stop` sends a ``Status`` with no free capacity at once and
 waits up to ``drain_timeout`` for the attempts it holds to end. The wire contract has no way
@@ -110,6 +116,10 @@ class RuntimeConfig:
         drain_timeout: Default time running attempts get to finish on :meth:`stop`.
         reconnect_initial_delay: First reconnection delay (grows 1.6-fold up to the cap).
         reconnect_max_delay: Cap of the reconnection delay.
+        reconnect_proportion: While the orchestrator is unreachable, no delay exceeds this
+            share of the outage so far (nor goes below ``reconnect_initial_delay``); 0 turns
+            it off.
+        stable_after: A stream that ran this long before it broke is retried at once.
         max_buffered_results: Most undelivered outcomes kept; beyond it the oldest are dropped
             (the orchestrator then retries those attempts).
         hello_ack_timeout: How long to wait for a ``HelloAck`` before speaking the original
@@ -137,8 +147,10 @@ class RuntimeConfig:
     version: str = ""
     ack_delay: float = 0.05
     drain_timeout: float = 30.0
-    reconnect_initial_delay: float = 0.1
+    reconnect_initial_delay: float = 0.05
     reconnect_max_delay: float = 5.0
+    reconnect_proportion: float = 0.1
+    stable_after: float = 1.0
     max_buffered_results: int = 100_000
     hello_ack_timeout: float = 5.0
     default_heartbeat_interval: float = 2.0
@@ -155,6 +167,8 @@ class RuntimeConfig:
             raise ValueError("concurrency must be at least 1")
         if self.reconnect_max_delay <= 0 or self.reconnect_initial_delay <= 0:
             raise ValueError("reconnect delays must be positive")
+        if self.reconnect_proportion < 0:
+            raise ValueError("reconnect_proportion must not be negative")
         if self.max_buffered_results < 1:
             raise ValueError("max_buffered_results must be at least 1")
 
@@ -189,27 +203,38 @@ class Backoff:
     """Exponential backoff with "equal jitter": each delay is uniform in [d/2, d].
 
     ``d`` starts at ``initial`` and grows by ``multiplier`` on every call up to ``cap``. The
-    default growth (1.6, as gRPC's own reconnect backoff) keeps the delays short through the
-    few seconds an orchestrator restart takes, and reaches the cap after about 15 s.
+    default growth (1.6, as gRPC's own reconnect backoff) reaches the cap after about 15 s.
+    With ``proportion`` > 0 and the length of the outage so far passed to :meth:`next`, ``d``
+    is also kept at most ``proportion`` of the outage (but not below ``initial``): the wait
+    after the server comes back is then bounded by that share of its down time.
 
     Args:
         initial: First nominal delay (seconds).
         cap: Largest nominal delay (seconds).
         multiplier: Growth per failure.
         rng: Source of randomness.
+        proportion: Largest delay as a share of the outage (0: no such bound).
     """
 
     def __init__(self, initial: float, cap: float, multiplier: float = 1.6,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, proportion: float = 0.0) -> None:
         self.initial = initial
         self.cap = cap
         self.multiplier = multiplier
+        self.proportion = proportion
         self._rng = rng or random.Random()
         self._failures = 0
 
-    def next(self) -> float:
-        """Return the next delay."""
+    def next(self, outage: float | None = None) -> float:
+        """Return the next delay.
+
+        Args:
+            outage: Seconds since the server was last reachable, when it is unreachable now
+                (None: it answered with an error, or is not known to have been up).
+        """
         nominal = min(self.cap, self.initial * (self.multiplier ** min(self._failures, 100)))
+        if outage is not None and self.proportion > 0:
+            nominal = min(nominal, max(self.initial, self.proportion * outage))
         self._failures += 1
         return self._rng.uniform(nominal / 2, nominal)
 
@@ -270,7 +295,8 @@ class ShepherdRuntime:
             ("connections", "connect_failures", "messages_sent", "result_messages",
              "results_sent", "ack_messages", "acks_sent", "status_sent", "tasks_received",
              "task_messages", "cancels_received", "results_dropped", "results_discarded",
-             "results_redelivered", "attempts_started", "attempts_queued"), 0)
+             "results_redelivered", "attempts_started", "attempts_queued",
+             "immediate_reconnects"), 0)
         self.connected = asyncio.Event()
         self._running: dict[AttemptKey, _Attempt] = {}
         self._queued: OrderedDict[AttemptKey, ExecutionRequest] = OrderedDict()
@@ -286,6 +312,8 @@ class ShepherdRuntime:
         self._heartbeat_interval = self.config.default_heartbeat_interval
         self._last_received = 0.0
         self._failures_in_row = 0
+        self._connected_at: float | None = None
+        self._last_failure = ""
         self._server_pings = False
         self._draining = False
         self._final = False
@@ -411,37 +439,56 @@ class ShepherdRuntime:
         return self._final and not self._outbox and not self._running
 
     async def _run(self) -> None:
-        backoff = Backoff(self.config.reconnect_initial_delay, self.config.reconnect_max_delay)
+        config = self.config
+        backoff = Backoff(config.reconnect_initial_delay, config.reconnect_max_delay,
+                          proportion=config.reconnect_proportion)
+        outage_since: float | None = None
         try:
             while not self._finished():
                 self.state = RuntimeState.CONNECTING
                 healthy = False
                 link: Link | None = None
+                self._connected_at = None
+                self._last_failure = ""
                 try:
                     link = await self.connector.open()
                     healthy = await self._session(link)
                 except ConnectionLost as exc:
                     self._log_lost(exc)
                 except Exception:  # a bug: log it and keep serving
+                    self._last_failure = "ERROR"
                     log.exception("shepherd connection failed")
                 finally:
                     if link is not None:
                         with contextlib.suppress(Exception):
                             await link.close()
                     self._on_link_closed()
-                if healthy:
-                    backoff.reset()
                 if self._finished():
                     break
                 self.state = RuntimeState.DRAINING if self._draining else (
                     RuntimeState.DISCONNECTED)
-                delay = backoff.next()
+                now = time.monotonic()
+                connected_at = self._connected_at
+                if healthy:
+                    backoff.reset()
+                    outage_since = now
+                elif outage_since is None:
+                    outage_since = now
+                if healthy and connected_at is not None \
+                        and now - connected_at >= config.stable_after:
+                    # A stream that was fine broke: the server may still be there (a dropped
+                    # connection) or be restarting. One try costs nothing: make it now.
+                    self.stats["immediate_reconnects"] += 1
+                    continue
+                unreachable = self._last_failure == "UNAVAILABLE"
+                delay = backoff.next(now - outage_since if unreachable else None)
                 self._retry_now.clear()
                 await _wait_event(self._retry_now, delay)
         finally:
             self.connected.clear()
 
     def _log_lost(self, exc: ConnectionLost) -> None:
+        self._last_failure = exc.code
         self.stats["connect_failures"] += 1
         self._failures_in_row += 1
         if self._failures_in_row <= 3 or self._failures_in_row % 20 == 0:
@@ -550,6 +597,7 @@ class ShepherdRuntime:
         self._failures_in_row = 0
 
     def _handshake_done(self) -> None:
+        self._connected_at = time.monotonic()
         self._hello_acked.set()
         self.connected.set()
         if not self._draining:

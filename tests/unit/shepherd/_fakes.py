@@ -133,13 +133,16 @@ class FakeConnector:
         self.links: asyncio.Queue[FakeLink] = asyncio.Queue()
         self.all_links: list[FakeLink] = []
         self.refuse = 0
+        self.refuse_code = "UNAVAILABLE"
         self.attempts = 0
+        self.attempt_times: list[float] = []
 
     async def open(self) -> FakeLink:
         self.attempts += 1
+        self.attempt_times.append(asyncio.get_running_loop().time())
         if self.refuse > 0:
             self.refuse -= 1
-            raise ConnectionLost("connection refused", "UNAVAILABLE")
+            raise ConnectionLost("connection refused", self.refuse_code)
         link = FakeLink()
         self.all_links.append(link)
         self.links.put_nowait(link)

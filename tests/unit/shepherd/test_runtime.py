@@ -424,6 +424,84 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     assert backoff.next() <= 0.1
 
 
+def test_backoff_stays_below_a_share_of_the_outage() -> None:
+    backoff = Backoff(0.05, 5.0, rng=random.Random(3), proportion=0.1)
+    for _ in range(30):
+        backoff.next()  # the exponential part is at the cap by now
+    assert backoff.next(outage=0.2) <= 0.05  # not below the initial delay
+    assert 0.05 <= backoff.next(outage=1.0) <= 0.1
+    assert 1.0 <= backoff.next(outage=20.0) <= 2.0
+    assert 2.5 <= backoff.next(outage=600.0) <= 5.0  # the cap still holds
+    assert backoff.next() >= 2.5  # no outage given: plain exponential
+
+
+async def test_a_stable_stream_that_breaks_is_retried_at_once(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    # A backoff of 5 s would fail the test: the retry must not wait for it.
+    rt = ShepherdRuntime(executor, connector, config(
+        reconnect_initial_delay=5.0, reconnect_max_delay=5.0, stable_after=0.0))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        await rt.wait_connected(5)
+        link.break_()
+        _, hello = await connector.accept(timeout=1.0)
+        assert hello.shepherd_uuid == rt.shepherd_id
+        assert rt.stats["immediate_reconnects"] == 1
+    finally:
+        await rt.stop(0)
+
+
+async def test_a_stream_that_breaks_right_after_connecting_waits_the_backoff(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    # A server that accepts and drops at once must not be retried in a tight loop.
+    rt = ShepherdRuntime(executor, connector, config(
+        reconnect_initial_delay=0.4, reconnect_max_delay=0.4, stable_after=60.0))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        await rt.wait_connected(5)
+        link.break_()
+        loop = asyncio.get_running_loop()
+        broken = loop.time()
+        await connector.accept(timeout=2.0)
+        assert loop.time() - broken >= 0.2 - 0.02  # equal jitter: at least half of 0.4 s
+        assert rt.stats["immediate_reconnects"] == 0
+    finally:
+        await rt.stop(0)
+
+
+@pytest.mark.parametrize(("code", "quick"), [("UNAVAILABLE", True), ("UNAUTHENTICATED", False)])
+async def test_an_unreachable_orchestrator_is_retried_at_a_share_of_the_outage(
+        executor: ScriptedExecutor, connector: FakeConnector, code: str, quick: bool) -> None:
+    # Initial delay 20 ms, cap 2 s: the plain exponential backoff waits 20 ms * 1.6**k for the
+    # k-th of 9 failures, 2.3 s nominal in all (at least half of it with the jitter); bounded
+    # by a tenth of the outage, the same tries take a few tenths of a second.
+    connector.refuse_code = code
+    rt = ShepherdRuntime(executor, connector, config(
+        reconnect_initial_delay=0.02, reconnect_max_delay=2.0, reconnect_proportion=0.1,
+        stable_after=0.0))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        await rt.wait_connected(5)
+        connector.refuse = 9
+        link.break_(code)
+        await connector.accept(timeout=10.0)
+        times = connector.attempt_times[1:]  # from the immediate retry on
+        assert len(times) == 10
+        elapsed = times[-1] - times[0]
+        if quick:
+            assert elapsed < 0.9, elapsed
+        else:
+            assert elapsed > 1.0, elapsed
+    finally:
+        await rt.stop(0)
+
+
 def test_runtime_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         RuntimeConfig(concurrency=0)
