@@ -14,6 +14,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from azolla.domain.aggregate import AzollaAggregate
 from azolla.domain.errors import AttemptNotRunning, InvalidTransition
 from azolla.domain.values import (
     LIVE_ATTEMPT_STATES,
@@ -38,7 +39,7 @@ def ensure_live(state: AttemptState, number: int) -> None:
         raise AttemptNotRunning(f"attempt {number} has already ended ({state.value})")
 
 
-class Attempt(Aggregate):
+class Attempt(AzollaAggregate):
     """One attempt of a task. Its stream id is ``attempt_stream_id(task_id, number)``.
 
     Attributes:
@@ -56,7 +57,7 @@ class Attempt(Aggregate):
         rejections: How many late outcomes were refused and recorded.
     """
 
-    class Assigned(Aggregate.Created):
+    class Assigned(AzollaAggregate.Created):
         """The attempt was pushed to a shepherd under a lease."""
 
         TYPE: ClassVar[str] = "AttemptAssigned.v1"

@@ -119,7 +119,6 @@ class RetryPolicy(BaseModel):
 
 
 DEFAULT_POLICY = RetryPolicy()
-_DEFAULT_DICT = DEFAULT_POLICY.to_dict()
 
 
 @lru_cache(maxsize=256)
@@ -131,9 +130,12 @@ def policy_to_dict(policy: RetryPolicy) -> dict[str, Any]:
     return policy.to_dict()
 
 
+_DEFAULT_DICT = policy_to_dict(DEFAULT_POLICY)
+
+
 def policy_from_dict(raw: dict[str, Any]) -> RetryPolicy:
     """Build a policy from its JSON form (the default policy is reused, not re-validated)."""
-    if raw == _DEFAULT_DICT:
+    if raw is _DEFAULT_DICT or raw == _DEFAULT_DICT:
         return DEFAULT_POLICY
     return RetryPolicy.model_validate(raw)
 

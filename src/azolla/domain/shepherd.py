@@ -11,6 +11,7 @@ from typing import ClassVar, cast
 
 from eventsourcing.domain import Aggregate
 
+from azolla.domain.aggregate import AzollaAggregate
 from azolla.domain.errors import CapacityExceeded, InvalidTransition
 from azolla.domain.values import event_time, partition_day, shepherd_stream_id
 
@@ -29,7 +30,7 @@ class ShepherdState(StrEnum):
     DRAINED = "drained"
 
 
-class Shepherd(Aggregate):
+class Shepherd(AzollaAggregate):
     """A shepherd. Create with :meth:`register`.
 
     Attributes:
@@ -42,7 +43,7 @@ class Shepherd(Aggregate):
         running: ``(task_id, attempt)`` pairs it is running (in memory, not events).
     """
 
-    class Registered(Aggregate.Created):
+    class Registered(AzollaAggregate.Created):
         """A shepherd introduced itself for the first time."""
 
         TYPE: ClassVar[str] = "ShepherdRegistered.v1"

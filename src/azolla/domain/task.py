@@ -13,6 +13,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from azolla.domain.aggregate import AzollaAggregate
 from azolla.domain.errors import InvalidTransition, StaleAttempt, TaskAlreadyTerminal
 from azolla.domain.retry import (
     DEFAULT_POLICY,
@@ -79,7 +80,7 @@ def can_start(state: TaskState, ready_at: float, now: float) -> None:
         raise InvalidTransition(f"the task is not due until {ready_at:.3f} (now {now:.3f})")
 
 
-class Task(Aggregate):
+class Task(AzollaAggregate):
     """A submitted task. Create with :meth:`submit`; never mutate attributes directly.
 
     Attributes:
@@ -101,7 +102,7 @@ class Task(Aggregate):
         error: The final :class:`~azolla.domain.values.ErrorInfo` when failed.
     """
 
-    class Submitted(Aggregate.Created):
+    class Submitted(AzollaAggregate.Created):
         """The task was accepted."""
 
         TYPE: ClassVar[str] = "TaskSubmitted.v1"
