@@ -31,21 +31,27 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import grpc.aio
-from dependency_injector import containers, providers
+
+from azolla.app._imports import without
+
+with without("yaml"):  # dependency-injector's optional YAML support: ~30 ms at every start
+    from dependency_injector import containers, providers
 
 from azolla.adapters.grpc.auth import Principal, TokenAuthInterceptor, server_credentials
 from azolla.adapters.grpc.server import GrpcServer, GrpcServerOptions
 from azolla.adapters.memory.event_store import InMemoryEventLog, InMemoryEventStore
 from azolla.adapters.memory.taskset import TaskSet
-from azolla.app.metrics import OrchestratorMetrics
 from azolla.app.model import OutcomeHook
 from azolla.app.orchestrator import Orchestrator, OrchestratorConfig, RandomIds, SystemClock
 from azolla.app.settings import Settings, redact_url
 from azolla.domain.ports import Clock, EventStore, IdFactory
+
+if TYPE_CHECKING:  # imported when metrics are on: prometheus_client costs ~50 ms at start-up
+    from azolla.app.metrics import OrchestratorMetrics
 
 __all__ = [
     "EMBEDDED_DATABASE",
@@ -216,6 +222,8 @@ async def serve_metrics(orchestrator: Orchestrator,
     if settings.metrics_port is None:
         yield None
         return
+    from azolla.app.metrics import OrchestratorMetrics
+
     metrics = OrchestratorMetrics(orchestrator)
     try:
         port = metrics.start_http(settings.metrics_port, settings.metrics_host)

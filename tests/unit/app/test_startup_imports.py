@@ -1,0 +1,57 @@
+"""The server's start-up path does not import what it does not need before serving."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from azolla.app._imports import without
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_without_hides_a_package_for_the_block_only() -> None:
+    name = "azolla_test_package_that_does_not_exist"
+    with without(name, "json"), pytest.raises(ImportError):
+        __import__(name)
+    assert name not in sys.modules
+    assert sys.modules["json"] is json  # already imported: left alone
+
+
+def test_without_hides_a_real_package() -> None:
+    code = ("import sys\n"
+            "from azolla.app._imports import without\n"
+            "with without('colorsys'):\n"
+            "    try:\n"
+            "        import colorsys\n"
+            "        hidden = False\n"
+            "    except ImportError:\n"
+            "        hidden = True\n"
+            "import colorsys\n"
+            "print(hidden, colorsys.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["True", "colorsys"]
+
+
+def test_server_start_path_skips_optional_heavy_imports() -> None:
+    # What azolla-server imports before it serves, with JSON logs and metrics off: the
+    # settings, structlog, the container and everything it wires.
+    code = ("import sys\n"
+            "import azolla.app.server_main as m\n"
+            "m._import_structlog('json')\n"
+            "from azolla.app.logging import configure_logging\n"
+            "configure_logging('json', 'warning')\n"
+            "import azolla.app.containers\n"
+            "import azolla.adapters.postgres.event_store\n"
+            "import json\n"
+            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    loaded = set(json.loads(out))
+    assert "structlog" in loaded  # the test is real
+    assert "dependency_injector" in loaded
+    assert loaded.isdisjoint({"rich", "colorama", "yaml", "prometheus_client"}), loaded
