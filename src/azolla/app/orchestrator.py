@@ -252,6 +252,20 @@ class _Batch:
             self.payloads.append(payload)
 
 
+@dataclass(eq=False, slots=True)
+class _Inflight:
+    """A batch whose append has been sent and not yet answered."""
+
+    batch: _Batch
+    now: float
+    append: asyncio.Future[list[int]]
+    started: float
+
+
+#: Commands decided only when no batch is in flight (see ``Orchestrator._step``).
+_BARRIERS = (_Connect, _Disconnect, _Drain, _Cancel)
+
+
 def _settle(future: asyncio.Future[Any] | None, value: Any) -> None:
     if future is not None and not future.done():
         future.set_result(value)
@@ -306,6 +320,7 @@ class Orchestrator:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._busy = False
+        self._inflight: _Inflight | None = None
         self._failed_commits_in_a_row = 0
         self._needs_catch_up = False
         self._quiet = asyncio.Event()
@@ -384,7 +399,7 @@ class Orchestrator:
     async def idle(self, timeout: float = 5.0) -> None:
         """Wait until the decision loop has nothing left to do (for tests and shutdown)."""
         async with asyncio.timeout(timeout):
-            while self._inbox or self._dispatch_wanted or self._busy:
+            while self._inbox or self._dispatch_wanted or self._busy or self._inflight:
                 self._quiet.clear()
                 await self._quiet.wait()
             await asyncio.sleep(0.005)  # let pushes scheduled by the last step run
@@ -669,16 +684,24 @@ class Orchestrator:
 
     async def _run(self) -> None:
         while True:
+            inflight = self._inflight
+            if inflight is not None and inflight.append.done():
+                await self._finish_inflight()
+                continue
             if not self._inbox and not self._dispatch_wanted:
-                if self._stopping:
+                if self._stopping and inflight is None:
                     return
-                delay = self._next_wakeup(self.clock.now())
+                delay = None if inflight is not None else self._next_wakeup(self.clock.now())
                 self._wake.clear()
-                self._quiet.set()
+                if inflight is None:
+                    self._quiet.set()
                 if not self._inbox:
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         await asyncio.wait_for(self._wake.wait(), delay)
-            if self._stopping and not self._inbox:
+                    except TimeoutError:  # a timer, lease or heartbeat deadline is due
+                        self._dispatch_wanted = True
+                continue
+            if self._stopping and not self._inbox and inflight is None:
                 return
             self._busy = True
             try:
@@ -690,6 +713,17 @@ class Orchestrator:
                 self._busy = False
 
     async def _step(self) -> None:
+        """Decide one batch, then send it once the batch before it (if any) has committed.
+
+        Pipelining: while batch N's append is in flight, batch N+1 is decided from the
+        aggregates N left behind; N+1 is sent only after N's outcome is known (appends stay in
+        order), and fails with N if N fails, as if both had been one batch. Commands whose
+        decision reads state only a commit makes visible (connects, disconnects, drains,
+        cancels) and due expiries wait until nothing is in flight.
+        """
+        if self._inflight is not None and self._barrier_due():
+            await self._settle_inflight()
+            return
         if self._needs_catch_up and not await self._catch_up():
             self._failed_commits_in_a_row += 1
             await asyncio.sleep(min(0.001 * 2 ** min(self._failed_commits_in_a_row, 20),
@@ -700,7 +734,10 @@ class Orchestrator:
         self.taskset.advance(now)
         commands: list[_Command] = []
         limit = self.config.max_commands_per_batch
+        pipelined = self._inflight is not None
         while self._inbox and len(commands) < limit:
+            if pipelined and isinstance(self._inbox[0], _BARRIERS):
+                break
             commands.append(self._inbox.popleft())
         batch = _Batch()
         for index, command in enumerate(commands):
@@ -710,34 +747,97 @@ class Orchestrator:
                 # Undo the step as a failed commit would, fail only this command, and decide
                 # the ones after it again: they must not wait forever for an answer.
                 log.exception("deciding %s failed; the step is undone", type(command).__name__)
+                await self._settle_inflight()
                 self._rollback(batch, StoreUnavailable(
                     "the server could not decide this step; nothing was recorded, retry"))
                 _fail(command.future, AzollaDomainError(
                     f"internal error while deciding ({type(exc).__name__}); see the server log"))
                 self._inbox.extendleft(reversed(commands[index + 1:]))
                 return
-        await self._expire(batch, now)
+        if not pipelined:
+            await self._expire(batch, now)
         self._dispatch_wanted = False
         self._dispatch(batch, now)
-        if batch.events:
-            started = time.perf_counter()
-            try:
-                positions = await self.store.append(batch.events)
-            except AzollaDomainError as exc:
-                await self._commit_failed(batch, exc)
-                return
-            except Exception as exc:  # an adapter bug or driver error: fail the batch safely
-                log.exception("append failed")
-                await self._commit_failed(batch, StoreUnavailable(f"append failed: {exc}"))
-                return
-            self._failed_commits_in_a_row = 0
-            elapsed = time.perf_counter() - started
-            self.metrics["commits"] += 1
-            self.metrics["events"] += len(batch.events)
-            self.metrics["last_commit_seconds"] = elapsed
-            if self.commit_observer is not None:
-                self.commit_observer(elapsed, len(batch.events))
-            self._apply_committed(batch.events, batch.payloads, positions, now)
+        if self._inflight is not None and not await self._settle_inflight(then_fail=batch):
+            return
+        self._send(batch, now)
+
+    def _barrier_due(self) -> bool:
+        """True when the next step must not overlap the commit in flight."""
+        if self._inbox and isinstance(self._inbox[0], _BARRIERS):
+            return True
+        now = self.clock.now()
+        lease = self.taskset.next_lease()
+        return ((lease is not None and lease <= now)
+                or any(deadline <= now for deadline in self._orphans.values())
+                or bool(self._sessions and self.silent_sessions(now)))
+
+    def _send(self, batch: _Batch, now: float) -> None:
+        """Start committing ``batch`` (or finish it at once when it holds no events)."""
+        if not batch.events:
+            self._complete(batch, None, now)
+            return
+        append = asyncio.ensure_future(self.store.append(batch.events))
+        append.add_done_callback(self._wake_on_commit)
+        self._inflight = _Inflight(batch, now, append, time.perf_counter())
+
+    def _wake_on_commit(self, _append: asyncio.Future[Any]) -> None:
+        self._wake.set()
+
+    async def _settle_inflight(self, then_fail: _Batch | None = None) -> bool:
+        """Wait for the batch in flight and finish it; True if it committed.
+
+        When it failed, ``then_fail`` (the batch decided on top of it) is undone and failed
+        with it, before the failed batch itself is undone.
+        """
+        inflight = self._inflight
+        if inflight is None:
+            return True
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(inflight.append)
+        return await self._finish_inflight(then_fail)
+
+    async def _finish_inflight(self, then_fail: _Batch | None = None) -> bool:
+        inflight = self._inflight
+        assert inflight is not None
+        assert inflight.append.done()
+        self._inflight = None
+        batch, now = inflight.batch, inflight.now
+        append = inflight.append
+        error: AzollaDomainError | None = None
+        if append.cancelled():
+            error = StoreUnavailable("the append was cancelled")
+        elif (raised := append.exception()) is not None:
+            if isinstance(raised, AzollaDomainError):
+                error = raised
+            else:  # an adapter bug or driver error: fail the batch safely
+                log.error("append failed: %r", raised)
+                error = StoreUnavailable(f"append failed: {raised}")
+        if error is not None:
+            if then_fail is not None:
+                self._rollback(then_fail, error)
+            await self._commit_failed(batch, error)
+            return False
+        positions = append.result()
+        self._failed_commits_in_a_row = 0
+        elapsed = time.perf_counter() - inflight.started
+        self.metrics["commits"] += 1
+        self.metrics["events"] += len(batch.events)
+        self.metrics["last_commit_seconds"] = elapsed
+        if self.commit_observer is not None:
+            self.commit_observer(elapsed, len(batch.events))
+        self._complete(batch, positions, now, keep=then_fail)
+        return True
+
+    def _complete(self, batch: _Batch, positions: list[int] | None, now: float,
+                  keep: _Batch | None = None) -> None:
+        """Apply a committed batch, answer its callers and push its work.
+
+        Aggregates that ``keep`` (the next batch, decided but not yet sent) touched stay
+        cached: the log does not hold that batch's events yet.
+        """
+        if positions is not None:
+            self._apply_committed(batch.events, batch.payloads, positions, now, keep)
         for callback in batch.on_commit:
             callback()
         for session, requests in batch.pushes.values():
@@ -796,7 +896,7 @@ class Orchestrator:
         return True
 
     def _apply_committed(self, events: list[NewEvent], payloads: list[dict[str, Any]],
-                         positions: list[int], now: float) -> None:
+                         positions: list[int], now: float, keep: _Batch | None = None) -> None:
         taskset = self.taskset
         changed: set[UUID] = set()
         for event, payload, position in zip(events, payloads, positions, strict=True):
@@ -804,9 +904,9 @@ class Orchestrator:
             if event.type.startswith("Task"):
                 changed.add(event.stream_id)
         taskset.advance(now)
-        self._after_apply(changed)
+        self._after_apply(changed, keep)
 
-    def _after_apply(self, changed: set[UUID]) -> None:
+    def _after_apply(self, changed: set[UUID], keep: _Batch | None = None) -> None:
         """Tell watchers and waiters about committed changes of these tasks."""
         taskset = self.taskset
         for task_id in changed:
@@ -816,9 +916,12 @@ class Orchestrator:
             for watcher in list(self._watchers.get(task_id, ())):
                 watcher(record)
             if record.terminal:
-                self._tasks.pop(task_id, None)
+                if keep is None or task_id not in keep.touched_tasks:
+                    self._tasks.pop(task_id, None)
                 for attempt in record.attempts:
-                    self._attempts.pop(attempt_stream_id(task_id, attempt.number), None)
+                    attempt_id = attempt_stream_id(task_id, attempt.number)
+                    if keep is None or attempt_id not in keep.touched_attempts:
+                        self._attempts.pop(attempt_id, None)
                 self._finish(record)
             elif record.state is not TaskState.RUNNING:
                 self._dispatch_wanted = True
@@ -915,6 +1018,8 @@ class Orchestrator:
             if request.idempotency_key is not None:
                 key = (request.domain, request.idempotency_key)
                 existing = batch.new_keys.get(key) or self.taskset.idempotency.get(key)
+                if existing is None and self._inflight is not None:
+                    existing = self._inflight.batch.new_keys.get(key)
                 if existing is not None:
                     results.append(SubmitResult(existing, deduplicated=True))
                     continue

@@ -638,3 +638,168 @@ async def test_a_submit_committed_but_reported_failed_keeps_its_key(
     submitted = [e for e in await store.read_all(0, 100) if e.type == "TaskSubmitted.v1"]
     assert [e.stream_id for e in submitted] == [again.task_id]
     await orch.stop()
+
+
+class GatedStore(InMemoryEventStore):
+    """Holds each append until the test opens the gate; can fail the held one."""
+
+    def __init__(self, log: InMemoryEventLog) -> None:
+        super().__init__(log)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = asyncio.Event()
+        self.fail_held: BaseException | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.appends: list[list[str]] = []
+
+    async def append(self, events: Sequence[NewEvent]) -> list[int]:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if not self.gate.is_set():
+                self.held.set()
+                await self.gate.wait()
+                if self.fail_held is not None:
+                    error, self.fail_held = self.fail_held, None
+                    raise error
+            self.appends.append([e.type for e in events])
+            return await super().append(events)
+        finally:
+            self.in_flight -= 1
+
+
+async def _hold_next_append(orch: Orchestrator, store: GatedStore,
+                            request: SubmitRequest) -> asyncio.Task[Any]:
+    store.gate.clear()
+    store.held.clear()
+    first = asyncio.ensure_future(orch.submit([request]))
+    await asyncio.wait_for(store.held.wait(), 5)
+    return first
+
+
+async def test_batch_decided_during_a_commit_is_sent_after_it(log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    first = await _hold_next_append(orch, store, SubmitRequest(name="a", idempotency_key="k"))
+    # Decided while the first append is held: the same key must resolve to the first task.
+    second = asyncio.ensure_future(orch.submit([SubmitRequest(name="a", idempotency_key="k"),
+                                                SubmitRequest(name="b")]))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    assert store.max_in_flight == 1
+    store.gate.set()
+    [r1] = await first
+    d, b = await second
+    assert d.deduplicated
+    assert d.task_id == r1.task_id
+    assert not b.deduplicated
+    assert store.max_in_flight == 1
+    assert store.appends == [["TaskSubmitted.v1"], ["TaskSubmitted.v1"]]
+    await orch.stop()
+
+
+async def test_a_failed_commit_fails_the_batch_decided_on_top_of_it(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    first = await _hold_next_append(orch, store, SubmitRequest(name="a", idempotency_key="k"))
+    second = asyncio.ensure_future(orch.submit([SubmitRequest(name="b", idempotency_key="j")]))
+    await asyncio.sleep(0.05)
+    store.fail_held = StoreUnavailable("database down")
+    store.gate.set()
+    with pytest.raises(StoreUnavailable):
+        await first
+    with pytest.raises(StoreUnavailable):
+        await second
+    assert not [e for e in await store.read_all(0, 100) if e.type == "TaskSubmitted.v1"]
+    # Nothing was recorded: both keys are free, and the tasks run once resubmitted.
+    [a] = await orch.submit([SubmitRequest(name="a", idempotency_key="k")])
+    [b] = await orch.submit([SubmitRequest(name="b", idempotency_key="j")])
+    assert not a.deduplicated
+    assert not b.deduplicated
+    await shepherd(orch, {"a": lambda: 1, "b": lambda: 2})
+    for task_id in (a.task_id, b.task_id):
+        outcome = await orch.wait("default", task_id, 5)
+        assert outcome is not None
+        assert outcome.state is TaskState.SUCCEEDED
+    await orch.stop()
+
+
+async def test_results_decided_on_a_failed_commit_are_undone_then_recorded_once(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store, config=OrchestratorConfig(heartbeat_timeout=1000))
+    await orch.start()
+    transport = InProcessTransport("s1")
+    session = await orch.connect_shepherd(
+        ShepherdHello(shepherd_uuid="s1", domain="default", group="default", capacity=4,
+                      accepts_batches=True), transport)
+    await orch.submit([SubmitRequest(name="t", args=f"[{i}]") for i in range(4)])
+    pushed: list[Any] = []
+    while len(pushed) < 4:
+        kind, body = await asyncio.wait_for(transport.inbox.get(), 5)
+        assert kind == "tasks"
+        pushed.extend(body)
+    outcomes = [ReportedOutcome(r.task_id, r.attempt, True, "1") for r in pushed]
+    first = await _hold_next_append(orch, store, SubmitRequest(name="t"))
+    report = asyncio.ensure_future(orch.report_results(session, outcomes))
+    await asyncio.sleep(0.05)  # the results are decided on top of the held commit
+    assert not session.shepherd.running
+    store.fail_held = StoreUnavailable("database down")
+    store.gate.set()
+    with pytest.raises(StoreUnavailable):
+        await first
+    with pytest.raises(StoreUnavailable):
+        await report
+    # Undone with the failed commit: the slots are taken again, nothing is recorded.
+    assert len(session.shepherd.running) == 4
+    assert not [e for e in await store.read_all(0, 1000) if e.type == "TaskSucceeded.v1"]
+    await orch.report_results(session, outcomes)  # what the gRPC service does: retry
+    for r in pushed:
+        outcome = await orch.wait("default", UUID(r.task_id), 5)
+        assert outcome is not None
+        assert outcome.state is TaskState.SUCCEEDED
+    assert not session.shepherd.running
+    succeeded = [e for e in await store.read_all(0, 1000) if e.type == "TaskSucceeded.v1"]
+    assert len(succeeded) == 4
+    await orch.stop()
+
+
+async def test_a_cancel_waits_for_the_commit_in_flight(log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    [queued] = await orch.submit([SubmitRequest(name="x")])
+    first = await _hold_next_append(orch, store, SubmitRequest(name="a"))
+    cancel = asyncio.ensure_future(orch.cancel("default", queued.task_id))
+    await asyncio.sleep(0.05)
+    assert not cancel.done()
+    assert store.appends == [["TaskSubmitted.v1"]]
+    store.gate.set()
+    await first
+    assert await cancel is TaskState.CANCELLED
+    assert store.appends[-1] == ["TaskCancelled.v1"]
+    await orch.stop()
+
+
+async def test_a_due_retry_runs_on_its_own_real_clock(log: InMemoryEventLog) -> None:
+    """Nothing but the timer wakes the loop (no tick, no other command)."""
+    orch = Orchestrator(InMemoryEventStore(log), ids=FixedIds())
+    await orch.start()
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first time fails")
+        return "ok"
+
+    await shepherd(orch, {"flaky": flaky})
+    policy = RetryPolicy(max_attempts=2, wait=WaitKind.FIXED, initial_delay=0.05)
+    outcome = await run_one(orch, SubmitRequest(name="flaky", policy=policy))
+    assert outcome.state is TaskState.SUCCEEDED
+    assert len(calls) == 2
+    await orch.stop()
