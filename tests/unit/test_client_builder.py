@@ -5,6 +5,7 @@ No server is involved: these build the wire requests and inspect them.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from azolla import Client, RetryPolicy, ValidationError
-from azolla.client._submission import MAX_PAYLOAD_BYTES, map_args, task_name_of
+from azolla.client._submission import MAX_PAYLOAD_BYTES, encode_json, map_args, task_name_of
 from azolla.client._transport import parse_endpoint
 from azolla.retry import ExponentialBackoff, FixedBackoff
 
@@ -187,6 +188,31 @@ def test_task_objects_default_retry_policy(client: Client) -> None:
 def test_arguments_must_be_json(client: Client, args: list[Any], match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         client.submit_task("t", args).to_request("d")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [],
+        {},
+        (),
+        [1, "é", None, True, 1.5, 10**30, {"k": [{}]}],
+        {"a": [1, 2], "b": {"c": "\u2028"}, "d": -0.0},
+        [[], {}],
+    ],
+)
+def test_arguments_encode_as_compact_json(value: Any) -> None:
+    expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert encode_json(value, "positional arguments", "t") == expected
+
+
+def test_a_refused_value_does_not_spoil_the_next_encoding(client: Client) -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    for _ in range(2):
+        with pytest.raises(ValidationError, match="not JSON-serialisable"):
+            client.submit_task("t", [[1], loop]).to_request("d")
+        assert client.submit_task("t", [[1], [1]]).to_request("d").args == "[[1],[1]]"
 
 
 def test_recursive_arguments_are_refused(client: Client) -> None:

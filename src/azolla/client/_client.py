@@ -25,8 +25,8 @@ from azolla.client._submission import (
     UNSET,
     SubmitOptions,
     TaskSubmission,
-    build_request,
     check_call,
+    encode_arguments,
     map_args,
     task_name_of,
     task_retry_policy,
@@ -370,47 +370,59 @@ class Client:
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        now = time.time()
-        requests = []
+        fields = options.wire_fields(time.time())  # shared by every task of the call
+        domain = self._domain
+        new_request = orchestrator_pb2.CreateTaskRequest
+        pending: list[_Pending] = []
         for index, value in enumerate(items):
             args, kwargs = map_args(value)
             check_call(task, name, args, kwargs)
             try:
-                requests.append(
-                    build_request(
-                        name,
-                        self._domain,
-                        args,
-                        kwargs,
-                        options,
-                        now=now,
-                        idempotency_key=keys[index],
-                    )
-                )
+                args_json, kwargs_json = encode_arguments(name, args, kwargs)
             except ValidationError as exc:
                 raise ValidationError(f"task {index} of submit_many: {exc.message}") from None
-        pending: list[_Pending] = [
-            Pending(request, loop.create_future(), request.ByteSize()) for request in requests
-        ]
-        chunks = [
-            pending[i : i + self._max_batch_size]
-            for i in range(0, len(pending), self._max_batch_size)
-        ]
+            task_key = keys[index]
+            request: orchestrator_pb2.CreateTaskRequest
+            if task_key is None:
+                request = new_request(
+                    name=name, domain=domain, args=args_json, kwargs=kwargs_json, **fields
+                )
+            else:
+                request = new_request(
+                    name=name,
+                    domain=domain,
+                    args=args_json,
+                    kwargs=kwargs_json,
+                    idempotency_key=task_key,
+                    **fields,
+                )
+            # Sizes only matter to the coalescer, which these items bypass.
+            pending.append(Pending(request, loop.create_future(), 0))
+        size = self._max_batch_size
         await asyncio.gather(
             *(
-                self._send_items(chunk, self._submit_retries, split_invalid=False)
-                for chunk in chunks
+                self._send_items(pending[i : i + size], self._submit_retries, split_invalid=False)
+                for i in range(0, len(pending), size)
             )
         )
-        outcomes = await asyncio.gather(*(item.future for item in pending), return_exceptions=True)
-        for outcome in outcomes:  # every future is retrieved, then the first failure raised
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return [
-            TaskHandle(self, r.task_id, self._domain, deduplicated=r.deduplicated)
-            for r in outcomes
-            if isinstance(r, orchestrator_pb2.CreateTaskResponse)
-        ]
+        handles: list[TaskHandle] = []
+        failure: BaseException | None = None
+        for item in pending:  # every future is retrieved, then the first failure raised
+            future = item.future
+            if not future.done():  # cannot happen: _send_items answers every item
+                future.set_exception(AzollaError("the server sent no answer"))
+            error = future.exception()
+            if error is not None:
+                failure = failure or error
+                continue
+            if failure is None:
+                response = future.result()
+                handles.append(
+                    TaskHandle(self, response.task_id, domain, deduplicated=response.deduplicated)
+                )
+        if failure is not None:
+            raise failure
+        return handles
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
         await self._send_items(batch, self._submit_retries, split_invalid=True)

@@ -87,8 +87,13 @@ def map_args(value: Any) -> tuple[list[Any], dict[str, Any]]:
     Raises:
         ValidationError: A mapping has non-string keys.
     """
+    kind = type(value)
+    if kind is list:  # the common cases first: no ABC check
+        return list(value), {}
     if value is None or value is UNSET:
         return [], {}
+    if kind is dict:
+        return [], _kwargs_dict(value)
     if isinstance(value, Mapping):
         return [], _kwargs_dict(value)
     if isinstance(value, list | tuple):
@@ -97,10 +102,16 @@ def map_args(value: Any) -> tuple[list[Any], dict[str, Any]]:
 
 
 def _kwargs_dict(value: Mapping[Any, Any]) -> dict[str, Any]:
-    bad = [k for k in value if not isinstance(k, str)]
-    if bad:
-        raise ValidationError(f"keyword argument names must be strings, not {bad[0]!r}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ValidationError(f"keyword argument names must be strings, not {key!r}")
     return dict(value)
+
+
+#: One encoder for every submit (``json.dumps`` with options builds a new one per call).
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+#: Encodings of the empty containers, the most common arguments of all.
+_EMPTY_JSON: Final[dict[type, str]] = {list: "[]", dict: "{}", tuple: "[]"}
 
 
 def encode_json(value: Any, what: str, task_name: str) -> str:
@@ -109,8 +120,13 @@ def encode_json(value: Any, what: str, task_name: str) -> str:
     Raises:
         ValidationError: The value cannot be represented as JSON (with the reason).
     """
+    if not value:
+        empty = _EMPTY_JSON.get(type(value))
+        if empty is not None:
+            return empty
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text: str = _ENCODER.encode(value)
+        return text
     except (TypeError, ValueError, RecursionError) as exc:
         reason = str(exc) or type(exc).__name__
         if "Out of range float" in reason:
@@ -250,6 +266,27 @@ class SubmitOptions:
             timeout=None if timeout is None else _check_seconds("timeout", timeout, positive=True),
         )
 
+    def wire_fields(self, now: float | None = None) -> dict[str, Any]:
+        """The ``CreateTaskRequest`` fields these options set (not the idempotency key).
+
+        Args:
+            now: Epoch seconds a ``delay`` counts from (default: the current time).
+        """
+        fields: dict[str, Any] = {}
+        if self.priority:
+            fields["priority"] = self.priority
+        if self.retry_policy is not None:
+            fields["retry_policy"] = self.retry_policy.wire_message()
+        if self.shepherd_group is not None:
+            fields["shepherd_group"] = self.shepherd_group
+        if self.not_before is not None or self.delay is not None:
+            not_before = self.not_before_ms(time.time() if now is None else now)
+            if not_before is not None:
+                fields["not_before_ms"] = not_before
+        if self.timeout is not None:
+            fields["timeout_ms"] = max(1, math.ceil(self.timeout * 1000))
+        return fields
+
     def not_before_ms(self, now: float) -> int | None:
         """The not-before time in epoch milliseconds, computing a delay from ``now``."""
         if self.not_before is not None:
@@ -257,6 +294,23 @@ class SubmitOptions:
         if self.delay is not None and self.delay > 0:
             return int((now + self.delay) * 1000)
         return None
+
+
+def encode_arguments(name: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[str, str]:
+    """Encode a task's arguments as the JSON texts of a ``CreateTaskRequest``.
+
+    Raises:
+        ValidationError: Arguments are not JSON-serialisable or too large.
+    """
+    args_json = encode_json(args, "positional arguments", name)
+    kwargs_json = encode_json(kwargs, "keyword arguments", name)
+    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
+        raise ValidationError(
+            f"the arguments of task {name!r} take {len(args_json) + len(kwargs_json)} bytes as "
+            f"JSON, more than the {MAX_PAYLOAD_BYTES} allowed; pass a reference (a URL, a key) "
+            "instead of the data"
+        )
+    return args_json, kwargs_json
 
 
 def build_request(
@@ -274,30 +328,21 @@ def build_request(
     Raises:
         ValidationError: Arguments are not JSON-serialisable or too large.
     """
-    args_json = encode_json(args, "positional arguments", name)
-    kwargs_json = encode_json(kwargs, "keyword arguments", name)
-    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
-        raise ValidationError(
-            f"the arguments of task {name!r} take {len(args_json) + len(kwargs_json)} bytes as "
-            f"JSON, more than the {MAX_PAYLOAD_BYTES} allowed; pass a reference (a URL, a key) "
-            "instead of the data"
-        )
-    request = orchestrator_pb2.CreateTaskRequest(
-        name=name, domain=domain, args=args_json, kwargs=kwargs_json, priority=options.priority
-    )
-    if options.retry_policy is not None:
-        request.retry_policy.CopyFrom(options.retry_policy.wire_message())
-    if options.shepherd_group is not None:
-        request.shepherd_group = options.shepherd_group
+    args_json, kwargs_json = encode_arguments(name, args, kwargs)
+    fields = options.wire_fields(now)
     key = idempotency_key if idempotency_key is not None else options.idempotency_key
     if key is not None:
-        request.idempotency_key = key
-    not_before = options.not_before_ms(time.time() if now is None else now)
-    if not_before is not None:
-        request.not_before_ms = not_before
-    if options.timeout is not None:
-        request.timeout_ms = max(1, math.ceil(options.timeout * 1000))
-    return request
+        return orchestrator_pb2.CreateTaskRequest(
+            name=name,
+            domain=domain,
+            args=args_json,
+            kwargs=kwargs_json,
+            idempotency_key=key,
+            **fields,
+        )
+    return orchestrator_pb2.CreateTaskRequest(
+        name=name, domain=domain, args=args_json, kwargs=kwargs_json, **fields
+    )
 
 
 class TaskSubmission:
