@@ -169,6 +169,50 @@ def test_create_task_request_all_fields() -> None:
     assert request.policy.max_attempts == 1
 
 
+@pytest.mark.parametrize("field", ["idempotency_key", "not_before_ms", "timeout_ms"])
+def test_a_field_set_to_its_default_value_is_still_present(field: str) -> None:
+    message = orchestrator_pb2.CreateTaskRequest(name="n")
+    setattr(message, field, type(getattr(message, field))())  # "" or 0, but present
+    request = convert.submit_request_from_proto(message)
+    values = {"idempotency_key": request.idempotency_key, "not_before_ms": request.not_before,
+              "timeout_ms": request.timeout}
+    assert values[field] is not None
+    assert not values[field]
+    assert [value for name, value in values.items() if name != field] == [None, None]
+
+
+def test_equal_policies_are_parsed_once_and_bad_ones_every_time() -> None:
+    policy = common_pb2.RetryPolicy(version=1, stop=common_pb2.RetryPolicyStop(max_attempts=7))
+    first = convert.submit_request_from_proto(
+        orchestrator_pb2.CreateTaskRequest(name="a", retry_policy=policy))
+    second = convert.submit_request_from_proto(
+        orchestrator_pb2.CreateTaskRequest(name="b", retry_policy=policy))
+    assert first.policy is second.policy
+    assert first.policy is not None
+    assert first.policy.max_attempts == 7
+    bad = common_pb2.RetryPolicy(version=1, stop=common_pb2.RetryPolicyStop(max_attempts=0))
+    for _ in range(2):
+        with pytest.raises(InvalidRetryPolicy):
+            convert.submit_request_from_proto(
+                orchestrator_pb2.CreateTaskRequest(name="c", retry_policy=bad))
+
+
+def test_the_policy_cache_stays_bounded() -> None:
+    for attempts in range(1, convert.MAX_CACHED_POLICIES + 10):
+        policy = common_pb2.RetryPolicy(
+            version=1, stop=common_pb2.RetryPolicyStop(max_attempts=attempts))
+        request = convert.submit_request_from_proto(
+            orchestrator_pb2.CreateTaskRequest(name="n", retry_policy=policy))
+        assert request.policy is not None
+        assert request.policy.max_attempts == attempts
+    assert len(convert._POLICIES) <= convert.MAX_CACHED_POLICIES
+
+
+def test_uuid_text_is_the_canonical_spelling() -> None:
+    for value in (uuid4(), UUID(int=0), UUID(int=2**128 - 1)):
+        assert convert.uuid_text(value) == str(value)
+
+
 def test_empty_group_means_default() -> None:
     request = convert.submit_request_from_proto(
         orchestrator_pb2.CreateTaskRequest(name="n", shepherd_group=""))

@@ -71,7 +71,7 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
             [result] = await self.orchestrator.submit([submit])
         except Exception as exc:
             await abort_for(context, exc, "CreateTask")
-        return orchestrator_pb2.CreateTaskResponse(task_id=str(result.task_id),
+        return orchestrator_pb2.CreateTaskResponse(task_id=convert.uuid_text(result.task_id),
                                                    deduplicated=result.deduplicated)
 
     async def CreateTasks(
@@ -79,23 +79,30 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
     ) -> orchestrator_pb2.CreateTasksResponse:
         """Create many tasks in one commit; all or nothing."""
         try:
-            if len(request.tasks) > self.max_batch:
+            tasks = request.tasks
+            if len(tasks) > self.max_batch:
                 raise InvalidTaskSpec(f"a CreateTasks request may hold at most {self.max_batch} "
-                                      f"tasks, got {len(request.tasks)}")
+                                      f"tasks, got {len(tasks)}")
+            from_proto = convert.submit_request_from_proto
             submits: list[SubmitRequest] = []
-            for index, item in enumerate(request.tasks):
-                try:
-                    submits.append(convert.submit_request_from_proto(item))
-                except AzollaDomainError as exc:
-                    exc.message = f"tasks[{index}]: {exc.message}"
-                    raise
+            append = submits.append
+            index = 0
+            try:
+                for item in tasks:
+                    append(from_proto(item))
+                    index += 1
+            except AzollaDomainError as exc:
+                exc.message = f"tasks[{index}]: {exc.message}"
+                raise
             results = await self.orchestrator.submit(submits) if submits else []
         except Exception as exc:
             await abort_for(context, exc, "CreateTasks")
-        return orchestrator_pb2.CreateTasksResponse(tasks=[
-            orchestrator_pb2.CreateTaskResponse(task_id=str(r.task_id),
-                                                deduplicated=r.deduplicated)
-            for r in results])
+        response = orchestrator_pb2.CreateTasksResponse()
+        add = response.tasks.add
+        text = convert.uuid_text
+        for result in results:
+            add(task_id=text(result.task_id), deduplicated=result.deduplicated)
+        return response
 
     # -- wait --------------------------------------------------------------------------------
 
