@@ -235,6 +235,7 @@ class _Batch:
     touched_attempts: set[UUID] = field(default_factory=set)
     touched_shepherds: set[str] = field(default_factory=set)
     new_keys: dict[tuple[str, str], UUID] = field(default_factory=dict)
+    queued_groups: set[tuple[str, str]] = field(default_factory=set)
     claims: list[TaskRecord] = field(default_factory=list)
     on_commit: list[Callable[[], None]] = field(default_factory=list)
     on_failure: list[Callable[[BaseException], None]] = field(default_factory=list)
@@ -1040,6 +1041,9 @@ class Orchestrator:
             self._tasks[task_id] = task
             batch.touched_tasks.add(task_id)
             batch.add(encode_pending_with_payloads(task))
+            session = self._direct_session(task, batch, now)
+            if session is None or not self._start_attempt(session, task, batch, now):
+                batch.queued_groups.add((task.domain, task.group))
             results.append(SubmitResult(task_id))
         future = command.future
         batch.on_commit.append(lambda: _settle(future, results))
@@ -1351,20 +1355,17 @@ class Orchestrator:
         if not self._sessions:
             return
         taskset = self.taskset
-        limits = self.config.domain_concurrency
         for session in list(self._sessions.values()):
             shepherd = session.shepherd
-            free = shepherd.free_slots
-            if session.closed or free <= 0 or shepherd.state is not ShepherdState.CONNECTED:
+            if session.closed or shepherd.free_slots <= 0 \
+                    or shepherd.state is not ShepherdState.CONNECTED:
                 continue
             domain, group = shepherd.domain, shepherd.group
             if taskset.ready_count(domain, group) <= 0:
                 continue
-            cap = limits.get(domain)
-            if cap is not None:
-                free = min(free, cap - self._running_in(domain))
-                if free <= 0:
-                    continue
+            free = self._free_slots(session)
+            if free <= 0:
+                continue
             records = taskset.claim(domain, group, free)
             for record in records:
                 task = self._tasks.get(record.task_id)
@@ -1377,32 +1378,72 @@ class Orchestrator:
                         self._pending_loads.add(record.task_id)
                         continue
                     task = self._tasks[record.task_id] = loaded
-                try:
-                    number = task.start_attempt(shepherd.shepherd_uuid, now)
-                except InvalidTransition:
+                if self._start_attempt(session, task, batch, now):
+                    batch.claims.append(record)
+                else:
                     taskset.unclaim([record])
-                    continue
-                lease = (now + task.timeout + self.config.lease_grace
-                         if task.timeout is not None else None)
-                attempt = Attempt.assign(
-                    task_id=record.task_id, number=number, shepherd_id=shepherd.shepherd_uuid,
-                    lease_deadline=lease, domain=task.domain, partition_day=task.partition_day,
-                    now=now)
-                self._attempts[attempt.id] = attempt
-                shepherd.reserve(str(record.task_id), number)
-                batch.reservations.append((shepherd, str(record.task_id), number))
-                batch.claims.append(record)
-                batch.touched_tasks.add(record.task_id)
-                batch.touched_attempts.add(attempt.id)
-                batch.add(encode_pending_with_payloads(task))
-                batch.add(encode_pending_with_payloads(attempt))
-                request = ExecutionRequest(
-                    task_id=str(record.task_id), attempt=number, name=task.name, args=task.args,
-                    kwargs=task.kwargs, timeout=task.timeout, domain=task.domain)
-                entry = batch.pushes.setdefault(session.session_id, (session, []))
-                entry[1].append(request)
         if self._pending_loads:
             asyncio.get_running_loop().create_task(self._load_pending())
+
+    def _free_slots(self, session: ShepherdSession) -> int:
+        """Slots of a connected session that may take work now (domain limits included)."""
+        free = session.shepherd.free_slots
+        cap = self.config.domain_concurrency.get(session.shepherd.domain)
+        if cap is not None:
+            free = min(free, cap - self._running_in(session.shepherd.domain))
+        return free
+
+    def _start_attempt(self, session: ShepherdSession, task: Task, batch: _Batch,
+                       now: float) -> bool:
+        """Start the task's next attempt on ``session`` in ``batch``; False if it cannot."""
+        shepherd = session.shepherd
+        try:
+            number = task.start_attempt(shepherd.shepherd_uuid, now)
+        except InvalidTransition:
+            return False
+        task_id = task.id
+        lease = (now + task.timeout + self.config.lease_grace
+                 if task.timeout is not None else None)
+        attempt = Attempt.assign(
+            task_id=task_id, number=number, shepherd_id=shepherd.shepherd_uuid,
+            lease_deadline=lease, domain=task.domain, partition_day=task.partition_day,
+            now=now)
+        self._attempts[attempt.id] = attempt
+        task_text = str(task_id)
+        shepherd.reserve(task_text, number)
+        batch.reservations.append((shepherd, task_text, number))
+        batch.touched_tasks.add(task_id)
+        batch.touched_attempts.add(attempt.id)
+        batch.add(encode_pending_with_payloads(task))
+        batch.add(encode_pending_with_payloads(attempt))
+        request = ExecutionRequest(
+            task_id=task_text, attempt=number, name=task.name, args=task.args,
+            kwargs=task.kwargs, timeout=task.timeout, domain=task.domain)
+        entry = batch.pushes.setdefault(session.session_id, (session, []))
+        entry[1].append(request)
+        return True
+
+    def _direct_session(self, task: Task, batch: _Batch, now: float) -> ShepherdSession | None:
+        """A session that may start a just-submitted task in the same commit, or None.
+
+        Only when nothing of the task's (domain, group) waits ahead of it (committed, in this
+        batch or in the batch in flight), so priority and age order hold.
+        """
+        if not self._sessions or task.ready_at > now:
+            return None
+        key = (task.domain, task.group)
+        if key in batch.queued_groups or self.taskset.ready_count(*key) > 0:
+            return None
+        inflight = self._inflight
+        if inflight is not None and key in inflight.batch.queued_groups:
+            return None
+        for session in self._sessions.values():
+            shepherd = session.shepherd
+            if (shepherd.domain == task.domain and shepherd.group == task.group
+                    and not session.closed and shepherd.state is ShepherdState.CONNECTED
+                    and self._free_slots(session) > 0):
+                return session
+        return None
 
     async def _load_pending(self) -> None:
         ids, self._pending_loads = self._pending_loads, set()

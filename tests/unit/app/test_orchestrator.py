@@ -614,8 +614,8 @@ async def test_a_dispatch_committed_but_reported_failed_is_retried_not_stuck(
     store = CommitsThenFails(log, "TaskAttemptStarted.v1")
     orch = Orchestrator(store)
     await orch.start()
-    sh = await shepherd(orch, {"t": lambda: "done"})
     [r] = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY)])
+    sh = await shepherd(orch, {"t": lambda: "done"})  # dispatch in a batch of its own
     outcome = await orch.wait("default", r.task_id, 5)
     assert store.tricked
     assert outcome is not None
@@ -802,4 +802,68 @@ async def test_a_due_retry_runs_on_its_own_real_clock(log: InMemoryEventLog) -> 
     outcome = await run_one(orch, SubmitRequest(name="flaky", policy=policy))
     assert outcome.state is TaskState.SUCCEEDED
     assert len(calls) == 2
+    await orch.stop()
+
+
+async def test_a_submit_with_a_free_slot_is_started_in_the_same_commit(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    sh = await shepherd(orch, {"t": lambda: 1}, capacity=1)
+    [r] = await orch.submit([SubmitRequest(name="t")])
+    outcome = await orch.wait("default", r.task_id, 5)
+    assert outcome is not None
+    assert outcome.state is TaskState.SUCCEEDED
+    assert ["TaskSubmitted.v1", "TaskAttemptStarted.v1", "AttemptAssigned.v1"] in store.appends
+    assert sh.executions == [(str(r.task_id), 1)]
+    await orch.stop()
+
+
+async def test_direct_start_never_overtakes_waiting_tasks(log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store, config=OrchestratorConfig(heartbeat_timeout=1000))
+    await orch.start()
+    transport = InProcessTransport("s1")
+    session = await orch.connect_shepherd(
+        ShepherdHello(shepherd_uuid="s1", domain="default", group="default", capacity=1,
+                      accepts_batches=True), transport)
+    [r0] = await orch.submit([SubmitRequest(name="t", args="[0]")])
+    _kind, [running] = await asyncio.wait_for(transport.inbox.get(), 5)
+    assert running.task_id == str(r0.task_id)
+    r1, r2 = await orch.submit([SubmitRequest(name="t", args=f"[{i}]") for i in (1, 2)])
+    # One step decides: the slot frees (result of task 0), then task 3 arrives.
+    held = await _hold_next_append(orch, store, SubmitRequest(name="other", group="g2"))
+    report = asyncio.ensure_future(orch.report_results(
+        session, [ReportedOutcome(running.task_id, running.attempt, True, "0")]))
+    late = asyncio.ensure_future(orch.submit([SubmitRequest(name="t", args="[3]")]))
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    await held
+    await report
+    [r3] = await late
+    _kind, pushed = await asyncio.wait_for(transport.inbox.get(), 5)
+    assert [p.task_id for p in pushed] == [str(r1.task_id)]
+    assert (await orch.status("default", r3.task_id)).state is TaskState.QUEUED
+    assert (await orch.status("default", r2.task_id)).state is TaskState.QUEUED
+    await orch.stop()
+
+
+async def test_a_failed_direct_start_frees_the_slot_and_pushes_nothing(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    sh = await shepherd(orch, {"t": lambda: 1}, capacity=1)
+    first = await _hold_next_append(orch, store, SubmitRequest(name="t"))
+    store.fail_held = StoreUnavailable("database down")
+    store.gate.set()
+    with pytest.raises(StoreUnavailable):
+        await first
+    assert sh.session is not None
+    assert not sh.session.shepherd.running
+    assert sh.executions == []
+    outcome = await run_one(orch, SubmitRequest(name="t"))
+    assert outcome.state is TaskState.SUCCEEDED
+    assert len(sh.executions) == 1
     await orch.stop()

@@ -94,6 +94,8 @@ class TaskSet:
         self._timers: list[tuple[float, int, UUID]] = []
         self._leases: list[tuple[float, UUID, int]] = []
         self._claimed: set[UUID] = set()
+        # Tasks with a live entry in a ready queue (entries of tasks that left it are stale).
+        self._in_ready: set[UUID] = set()
         self.idempotency: dict[tuple[str, str], UUID] = {}
         self.attempt_task: dict[UUID, tuple[UUID, int]] = {}
         self.shepherds: dict[str, dict[str, Any]] = {}
@@ -142,6 +144,7 @@ class TaskSet:
         if record is None:
             return
         self._claimed.discard(sid)
+        self._leave_ready(record)
         record.state = TaskState.RUNNING
         record.current_attempt = p["attempt"]
         record.attempts.append(AttemptRecord(p["attempt"], p["shepherd_id"], p["at"]))
@@ -164,6 +167,7 @@ class TaskSet:
         if record is None:
             return
         self._claimed.discard(sid)
+        self._leave_ready(record)
         record.state = state
         record.current_attempt = None
         record.ended_at = p["at"]
@@ -245,11 +249,20 @@ class TaskSet:
             heapq.heappush(self._timers, (record.ready_at, record.seq, record.task_id))
 
     def _make_ready(self, record: TaskRecord) -> None:
+        if record.task_id in self._in_ready:
+            return
+        self._in_ready.add(record.task_id)
         key = (record.domain, record.group)
         by_name = self._ready.setdefault(key, {})
         heapq.heappush(by_name.setdefault(record.name, []),
                        (-record.priority, record.seq, record.task_id))
         self._ready_count[key] = self._ready_count.get(key, 0) + 1
+
+    def _leave_ready(self, record: TaskRecord) -> None:
+        """The task left the waiting states: its ready-queue entry (if any) is now stale."""
+        if record.task_id in self._in_ready:
+            self._in_ready.discard(record.task_id)
+            self._ready_count[(record.domain, record.group)] -= 1
 
     def advance(self, now: float) -> None:
         """Move tasks whose retry or not-before time has come into the ready queues."""
@@ -290,7 +303,7 @@ class TaskSet:
         return expired
 
     def ready_count(self, domain: str, group: str) -> int:
-        """How many tasks of (domain, group) are ready (upper bound: includes stale entries)."""
+        """How many tasks of (domain, group) are ready and not claimed."""
         return self._ready_count.get((domain, group), 0)
 
     def claim(self, domain: str, group: str, limit: int) -> list[TaskRecord]:
@@ -309,6 +322,9 @@ class TaskSet:
             _, _, task_id = heapq.heappop(heap)
             if not heap:
                 del by_name[best_name]
+            if task_id not in self._in_ready:
+                continue  # stale: the task started or ended after it was queued
+            self._in_ready.discard(task_id)
             self._ready_count[(domain, group)] -= 1
             record = self.tasks.get(task_id)
             if record is None or task_id in self._claimed or record.state not in (
@@ -346,6 +362,7 @@ class TaskSet:
             "position": self._position,
             "tasks": {tid: _record_tuple(r) for tid, r in self.tasks.items()},
             "ready": [(k, n, ids) for k, n, ids in ready],
+            "ready_counts": {k: n for k, n in self._ready_count.items() if n},
             "timers": sorted((t, i) for t, _, i in self._timers
                              if i in self.tasks and not self.tasks[i].terminal),
             "idempotency": dict(self.idempotency),
