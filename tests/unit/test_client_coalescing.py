@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -84,6 +85,70 @@ async def test_a_lone_call_is_not_delayed_by_the_linger() -> None:
     assert await c.submit(7, 1) == 70
     assert time.perf_counter() - started < 1.0
     assert send.batches == [[7]]
+
+
+async def test_a_lone_awaited_call_runs_in_the_callers_task() -> None:
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def send(batch: Batch) -> None:
+        tasks.append(asyncio.current_task())
+        for p in batch:
+            p.future.set_result(p.request * 10)
+
+    c: Coalescer[int, int] = Coalescer(
+        send, linger=10.0, max_batch=10, max_batch_bytes=100, max_in_flight=2
+    )
+    assert await c.call(4, 1) == 40
+    assert tasks == [asyncio.current_task()]
+    assert (c.stats.requests, c.stats.batches, c.in_flight, c.queued) == (1, 1, 0, 0)
+
+
+async def test_awaited_calls_of_one_loop_iteration_still_leave_together() -> None:
+    send = Recorder()
+    c = coalescer(send, linger=10.0)
+    results = await asyncio.gather(*(c.call(i, 1) for i in range(50)))
+    assert results == [i * 10 for i in range(50)]
+    assert send.batches == [list(range(50))]
+
+
+async def test_a_failing_lone_call_raises_in_its_caller() -> None:
+    async def send(batch: Batch) -> None:
+        raise RuntimeError("boom")
+
+    c: Coalescer[int, int] = Coalescer(
+        send, linger=0, max_batch=10, max_batch_bytes=100, max_in_flight=1
+    )
+    with pytest.raises(Exception, match="boom"):
+        await c.call(0, 1)
+    assert c.in_flight == 0
+
+
+async def test_cancelling_a_leading_call_lets_its_followers_leave() -> None:
+    send = Recorder()
+    c = coalescer(send, linger=10.0)
+    leader = asyncio.ensure_future(c.call(0, 1))
+    await asyncio.sleep(0)  # the leader yields its one loop iteration
+    followers = [c.submit(i, 1) for i in range(1, 4)]
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await asyncio.gather(*followers) == [10, 20, 30]
+    assert send.batches == [[1, 2, 3]]
+
+
+async def test_cancelling_a_lone_call_in_flight_cancels_it() -> None:
+    send = Recorder()
+    send.release = asyncio.Event()
+    c = coalescer(send)
+    call = asyncio.ensure_future(c.call(5, 1))
+    await send.batches_sent(1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert c.in_flight == 0
+    send.release.set()
+    assert await c.call(6, 1) == 60  # the coalescer still works
+    assert send.batches == [[5], [6]]
 
 
 async def test_calls_made_while_a_batch_is_in_flight_share_the_next_batch() -> None:

@@ -303,8 +303,7 @@ class Client:
         if self._closing:
             raise ClientClosedError("the client is closed")
         request = submission.to_request(self._domain)
-        future = self._coalescer.submit(request, request.ByteSize())
-        response = await future
+        response = await self._coalescer.call(request, request.ByteSize())
         return TaskHandle(self, response.task_id, self._domain, deduplicated=response.deduplicated)
 
     async def submit_many(

@@ -118,6 +118,42 @@ class Coalescer(Generic[Req, Resp]):
         self._schedule(loop)
         return future
 
+    async def call(self, request: Req, size: int) -> Resp:
+        """Queue ``request`` and wait for its answer (the same rules as :meth:`submit`).
+
+        A call made while the coalescer is idle leads: it lets the rest of the current loop
+        iteration queue behind it, and if nobody did, it sends its one-request batch from the
+        caller's own task (no task, no future wake-up: the cheap path of a lone submit).
+        Cancelling the caller then cancels that RPC, as for a direct call.
+        """
+        if self._in_flight or self._queue or self._flush_soon:
+            return await self.submit(request, size)
+        future: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
+        item = Pending(request, future, size)
+        self._queue.append(item)
+        self._queued_bytes += size
+        self.stats.requests += 1
+        self._flush_soon = True  # later calls of this iteration queue without scheduling
+        try:
+            await asyncio.sleep(0)  # one loop iteration, like the flush that submit schedules
+        except asyncio.CancelledError:
+            future.cancel()
+            if self._flush_soon:
+                self._flush()  # the others still leave (a cancelled request is skipped)
+            raise
+        if self._flush_soon and len(self._queue) == 1 and self._queue[0] is item:
+            self._flush_soon = False
+            self._queue.popleft()
+            self._queued_bytes -= size
+            self._in_flight += 1
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, 1)
+            await self._run([item])  # answers the future, also on failure
+            return future.result()
+        if self._flush_soon:
+            self._flush()
+        return await future
+
     def _batch_full(self) -> bool:
         return len(self._queue) >= self._max_batch or self._queued_bytes >= self._max_bytes
 
