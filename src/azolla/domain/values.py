@@ -102,6 +102,9 @@ class ErrorInfo:
         )
 
 
+_last_event_time: list[Any] = [None, None]
+
+
 def event_time(epoch: float) -> datetime:
     """Return ``epoch`` as an aware datetime, truncated (never rounded up) to the microsecond.
 
@@ -109,9 +112,14 @@ def event_time(epoch: float) -> datetime:
     creation event) is the task's first ``ready_at``, and a task started at the very instant it
     was submitted must be due.
     """
+    last = _last_event_time
+    if last[0] == epoch:  # every event of one decision step shares its ``now``
+        cached: datetime = last[1]
+        return cached
     moment = datetime.fromtimestamp(epoch, tz=UTC)
     if moment.timestamp() > epoch:
         moment -= timedelta(microseconds=1)
+    _last_event_time[:] = (epoch, moment)
     return moment
 
 
