@@ -18,7 +18,10 @@ original protocol: one ``task_result`` and one ``ack`` message each, no batches.
 **Results are batched.** Outcomes go into an outbox; one writer task drains it and sends
 everything waiting as one ``TaskResultBatch`` message (split at ``max_message_bytes``).
 Outcomes that finish while a write is in flight therefore travel together in the next
-message: there is no per-task stream message on the hot path, and no added delay either.
+message: there is no per-task stream message on the hot path. Under load, result messages
+are written at most every ``result_interval`` (2 ms): the first outcome after a quiet spell
+goes out at once, later ones wait at most that long and share a message (each stream write
+costs the shepherd, and the orchestrator's reader, far more than a result in it).
 
 **Acks are lazy.** An attempt still running ``ack_delay`` (50 ms) after it started is
 acknowledged, in one ``AckBatch`` with every other attempt that crossed the mark; attempts
@@ -129,6 +132,8 @@ class RuntimeConfig:
             (at most ``max_buffered_results`` of them). It covers the time an orchestrator may
             hold a result before committing it (it retries a failing store for 30 s).
         max_message_bytes: Largest stream message written (batches are split below it).
+        result_interval: Least time between two result messages (0: write whenever the
+            writer is free); outcomes finishing in between travel in one message.
         max_result_bytes: A single result larger than this is replaced by a
             ``ResultTooLarge`` error (a larger message would be refused by the orchestrator
             and break the stream on every retry).
@@ -156,6 +161,7 @@ class RuntimeConfig:
     default_heartbeat_interval: float = 2.0
     redeliver_window: float = 30.0
     max_message_bytes: int = 1024 * 1024
+    result_interval: float = 0.002
     max_result_bytes: int = 3 * 1024 * 1024
     delivery_timeout: float = 15.0
     kill_grace: float = 10.0
@@ -169,6 +175,8 @@ class RuntimeConfig:
             raise ValueError("reconnect delays must be positive")
         if self.reconnect_proportion < 0:
             raise ValueError("reconnect_proportion must not be negative")
+        if self.result_interval < 0:
+            raise ValueError("result_interval must not be negative")
         if self.max_buffered_results < 1:
             raise ValueError("max_buffered_results must be at least 1")
 
@@ -241,6 +249,12 @@ class Backoff:
     def reset(self) -> None:
         """Start again from ``initial`` (after a healthy connection)."""
         self._failures = 0
+
+
+def _batch_message(results: list[cpb.TaskResult]) -> opb.ClientMsg:
+    message = opb.ClientMsg()
+    message.task_results.results.extend(results)
+    return message
 
 
 class RuntimeState(StrEnum):
@@ -634,8 +648,7 @@ class ShepherdRuntime:
         self._running[attempt.key] = attempt
         self._idle.clear()
         self.stats["attempts_started"] += 1
-        attempt.task = asyncio.create_task(self._execute(attempt),
-                                           name=f"azolla-attempt-{attempt.key[0]}-{attempt.key[1]}")
+        attempt.task = asyncio.create_task(self._execute(attempt))
         was_empty = not self._ack_queue
         self._ack_queue.append((now + self.config.ack_delay, attempt.key))
         if was_empty:
@@ -676,8 +689,13 @@ class ShepherdRuntime:
 
     def _deliver(self, key: AttemptKey, outcome: ExecutionOutcome) -> None:
         result = result_from_outcome(outcome)
-        result.task_id, result.attempt_number = key
-        if result.ByteSize() > self.config.max_result_bytes:
+        if outcome.task_id != key[0] or outcome.attempt != key[1]:
+            result.task_id, result.attempt_number = key
+        # A UTF-8 character is at most 4 bytes: only a result that might be too large is sized.
+        chars = (len(outcome.value_json or "") + len(outcome.error_message or "")
+                 + len(outcome.error_data or "") + len(outcome.error_type or "") + len(key[0]))
+        if 4 * chars + 64 > self.config.max_result_bytes \
+                and result.ByteSize() > self.config.max_result_bytes:
             size = result.ByteSize()
             result = result_from_outcome(ExecutionOutcome(
                 task_id=key[0], attempt=key[1], ok=False, error_type=RESULT_TOO_LARGE,
@@ -739,10 +757,13 @@ class ShepherdRuntime:
             self._wake.clear()
             await _wait_any((self._hello_acked, self._wake), remaining)
         last_status = time.monotonic()
+        last_results = -1e9
+        interval = self.config.result_interval
         while True:
             self._wake.clear()
             now = time.monotonic()
             messages: list[opb.ClientMsg] = []
+            hold = 0.0
             if self._status_now or now - last_status >= self._heartbeat_interval:
                 # First, so a drain signal reaches the orchestrator before the results that
                 # free slots.
@@ -751,7 +772,10 @@ class ShepherdRuntime:
                 messages.append(opb.ClientMsg(status=self._status()))
                 self.stats["status_sent"] += 1
             if self._outbox and (not self._draining or self._final or self._drain_signal):
-                messages.extend(self._result_messages(now))
+                hold = 0.0 if self._final else last_results + interval - now
+                if hold <= 0:
+                    messages.extend(self._result_messages(now))
+                    last_results = now
             acks = self._due_acks(now)
             if acks:
                 self.stats["acks_sent"] += len(acks)
@@ -772,6 +796,11 @@ class ShepherdRuntime:
             if self._final and not self._outbox and not self._running:
                 await link.finish()
                 return
+            if hold > 0:
+                # Results are waiting, but the last result message is younger than
+                # result_interval: let more join them (a wake-up would not change that).
+                await asyncio.sleep(hold)
+                continue
             if self._wake.is_set():
                 continue
             timeout = last_status + self._heartbeat_interval - time.monotonic()
@@ -791,18 +820,23 @@ class ShepherdRuntime:
         if not self._modern:
             self.stats["result_messages"] += len(results)
             return [opb.ClientMsg(task_result=result) for _, result in results]
+        message = opb.ClientMsg()
+        message.task_results.results.extend(result for _, result in results)
+        if message.ByteSize() <= self.config.max_message_bytes:
+            self.stats["result_messages"] += 1
+            return [message]
         messages: list[opb.ClientMsg] = []
         chunk: list[cpb.TaskResult] = []
         size = 0
         for _, result in results:
             item = result.ByteSize() + 8
             if chunk and size + item > self.config.max_message_bytes:
-                messages.append(opb.ClientMsg(task_results=opb.TaskResultBatch(results=chunk)))
+                messages.append(_batch_message(chunk))
                 chunk, size = [], 0
             chunk.append(result)
             size += item
         if chunk:
-            messages.append(opb.ClientMsg(task_results=opb.TaskResultBatch(results=chunk)))
+            messages.append(_batch_message(chunk))
         self.stats["result_messages"] += len(messages)
         return messages
 

@@ -414,6 +414,40 @@ async def test_duplicate_pushes_run_once(runtime: ShepherdRuntime, connector: Fa
     assert executor.started == [("d", 1)]
 
 
+@pytest.mark.parametrize("interval", [0.0, 0.3])
+async def test_results_under_load_share_a_message_every_result_interval(
+        executor: ScriptedExecutor, connector: FakeConnector, interval: float) -> None:
+    rt = ShepherdRuntime(executor, connector, config(result_interval=interval))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.hello_ack()
+        await rt.wait_connected(5)
+        ids = ["a", "b", "c", "d"]
+        link.push_tasks(*(task(i, "wait") for i in ids))
+        for i in ids:
+            await executor.wait_started(i)
+        loop = asyncio.get_running_loop()
+        released = loop.time()
+        executor.release("a")
+        (first,) = await link.results(1)  # after a quiet spell: at once
+        assert first.task_id == "a"
+        assert loop.time() - released < 0.2
+        for i in ("b", "c", "d"):  # finish one by one, while the writer is idle
+            await asyncio.sleep(0.02)
+            executor.release(i)
+        rest = await link.results(3)
+        assert sorted(r.task_id for r in rest) == ["b", "c", "d"]
+        messages = len(link.of_kind("task_results"))
+        if interval:
+            assert messages == 2  # b, c and d waited for the interval, then went together
+            assert loop.time() - released >= interval - 0.02
+        else:
+            assert messages == 4
+    finally:
+        await rt.stop(0)
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     backoff = Backoff(0.1, 1.0, multiplier=2.0, rng=random.Random(7))
     delays = [backoff.next() for _ in range(10)]
@@ -505,6 +539,8 @@ async def test_an_unreachable_orchestrator_is_retried_at_a_share_of_the_outage(
 def test_runtime_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         RuntimeConfig(concurrency=0)
+    with pytest.raises(ValueError, match="result_interval"):
+        RuntimeConfig(result_interval=-1)
 
 
 def test_result_payload_is_json_text() -> None:
