@@ -98,3 +98,8 @@ class AzollaAggregate(Aggregate):
         event = new_event(event_class, fields)
         event.mutate(self)
         self._pending_events.append(event)
+
+    def collect_events(self) -> list[CanMutateAggregate[UUID]]:
+        """Return the pending events in order and clear the pending list."""
+        events, self._pending_events = self._pending_events, []
+        return events

@@ -76,8 +76,9 @@ class _Located(Protocol):
 
 def payload_of(event: Any) -> dict[str, Any]:
     """Return the JSON-ready payload of a domain event (its fields plus ``"at"``)."""
-    payload = {name: getattr(event, name) for name in _FIELDS[type(event)]}
-    payload["at"] = event.timestamp.timestamp()
+    values = event.__dict__
+    payload = {name: values[name] for name in _FIELDS[type(event)]}
+    payload["at"] = values["timestamp"].timestamp()
     return payload
 
 
