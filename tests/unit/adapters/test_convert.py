@@ -439,6 +439,16 @@ def test_cancelled_outcome_carries_an_error() -> None:
     assert not response.error.retriable
 
 
+@pytest.mark.parametrize("result", [None, "", "null", "0", "false", '"s"', "[1]"])
+def test_succeeded_outcome_always_carries_a_success(result: str | None) -> None:
+    outcome = TaskOutcome(UUID(int=3), "d", "n", TaskState.SUCCEEDED, result=result)
+    message = convert.outcome_to_task_outcome(outcome)
+    assert message.WhichOneof("result_type") == "success"
+    assert message.success.result == convert.value_json_to_any(result)
+    assert message.success.result.WhichOneof("value") is not None
+    assert (message.task_id, message.state) == (str(UUID(int=3)), "succeeded")
+
+
 def test_failed_outcome() -> None:
     outcome = TaskOutcome(UUID(int=2), "d", "n", TaskState.FAILED,
                           error=ErrorInfo("KeyError", "k", {"a": 1}, False))

@@ -209,9 +209,9 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
                 watch.wake.clear()
                 if watch.failure is not None:
                     await abort_for(context, watch.failure, "WatchTasks")
-                if watch.pending:
-                    batch, watch.pending = watch.pending, []
-                    yield orchestrator_pb2.WatchTasksResponse(outcomes=batch)
+                if watch.pending.outcomes:
+                    batch, watch.pending = watch.pending, orchestrator_pb2.WatchTasksResponse()
+                    yield batch
                 if watch.input_done and not watch.watched:
                     return
         finally:
@@ -290,7 +290,8 @@ class _MultiWatch:
     def __init__(self, orchestrator: Orchestrator) -> None:
         self.orchestrator = orchestrator
         self.watched: dict[UUID, Callable[[], None]] = {}
-        self.pending: list[orchestrator_pb2.TaskOutcome] = []
+        #: The next response, filled in place as outcomes become known (no copies).
+        self.pending = orchestrator_pb2.WatchTasksResponse()
         self.wake = asyncio.Event()
         self.input_done = False
         self.failure: BaseException | None = None
@@ -301,7 +302,7 @@ class _MultiWatch:
                 domain = convert.with_domain(request.domain)
                 for text in request.task_ids:
                     await self._add(domain, text)
-                if self.pending:
+                if self.pending.outcomes:
                     self.wake.set()
         except asyncio.CancelledError:
             raise
@@ -316,22 +317,22 @@ class _MultiWatch:
     async def _add(self, domain: str, text: str) -> None:
         task_id = convert.parse_task_id(text)
         if task_id is None:
-            self.pending.append(orchestrator_pb2.TaskOutcome(task_id=text, status_code=_NOT_FOUND))
+            self.pending.outcomes.add(task_id=text, status_code=_NOT_FOUND)
             return
         if task_id in self.watched:
             return
         try:
             outcome = await self.orchestrator.wait(domain, task_id, 0)
         except TaskNotFound:
-            self.pending.append(orchestrator_pb2.TaskOutcome(task_id=text, status_code=_NOT_FOUND))
+            self.pending.outcomes.add(task_id=text, status_code=_NOT_FOUND)
             return
         if outcome is not None:
-            self.pending.append(convert.outcome_to_task_outcome(outcome))
+            convert.fill_task_outcome(self.pending.outcomes.add(), outcome)
             return
 
         def ended(result: TaskOutcome) -> None:
             self.watched.pop(task_id, None)
-            self.pending.append(convert.outcome_to_task_outcome(result))
+            convert.fill_task_outcome(self.pending.outcomes.add(), result)
             self.wake.set()
 
         self.watched[task_id] = lambda: None  # placeholder: on_outcome may call back at once

@@ -57,7 +57,9 @@ __all__ = [
     "error_from_proto",
     "error_to_proto",
     "execution_request_to_proto",
+    "fill_any",
     "fill_result",
+    "fill_task_outcome",
     "hello_from_proto",
     "outcome_to_task_outcome",
     "outcome_to_wait_response",
@@ -315,27 +317,42 @@ def value_json_to_any(text: str | None) -> common_pb2.AnyValue:
     Returns:
         The wire value.
     """
+    value = common_pb2.AnyValue()
+    fill_any(value, text)
+    return value
+
+
+def fill_any(target: common_pb2.AnyValue, text: str | None) -> None:
+    """Set ``target`` (an empty ``AnyValue``) as :func:`value_json_to_any` would build it."""
     if text is None:
-        return common_pb2.AnyValue(json_value="null")
+        target.json_value = "null"
+        return
     stripped = text.strip()
     first = stripped[:1]
     if first in ("", "{", "[", "n"):
-        return common_pb2.AnyValue(json_value=stripped or "null")
+        target.json_value = stripped or "null"
+        return
+    if stripped == "true" or stripped == "false":
+        target.bool_value = stripped == "true"
+        return
     try:
         value = json.loads(stripped)
     except ValueError:
-        return common_pb2.AnyValue(json_value=stripped)
-    if isinstance(value, bool):
-        return common_pb2.AnyValue(bool_value=value)
-    if isinstance(value, int):
+        target.json_value = stripped
+        return
+    if isinstance(value, bool):  # pragma: no cover - "true"/"false" are handled above
+        target.bool_value = value
+    elif isinstance(value, int):
         if _INT64_MIN <= value <= _INT64_MAX:
-            return common_pb2.AnyValue(int_value=value)
-        return common_pb2.AnyValue(json_value=stripped)
-    if isinstance(value, float):
-        return common_pb2.AnyValue(double_value=value)
-    if isinstance(value, str):
-        return common_pb2.AnyValue(string_value=value)
-    return common_pb2.AnyValue(json_value=stripped)  # pragma: no cover - exhaustive above
+            target.int_value = value
+        else:
+            target.json_value = stripped
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    else:  # pragma: no cover - exhaustive above
+        target.json_value = stripped
 
 
 def _reject_constant(name: str) -> Any:
@@ -499,7 +516,7 @@ def fill_result(message: Any, state: TaskState, result: str | None,
                  error: ErrorInfo | None) -> None:
     """Set the ``success``/``error`` oneof of ``message`` for a terminal ``state``."""
     if state is TaskState.SUCCEEDED:
-        message.success.result.CopyFrom(value_json_to_any(result))
+        fill_any(message.success.result, result)
     elif state is TaskState.FAILED:
         message.error.CopyFrom(error_to_proto(error or ErrorInfo("UnknownError")))
     elif state is TaskState.CANCELLED:
@@ -517,10 +534,17 @@ def outcome_to_wait_response(outcome: TaskOutcome) -> orchestrator_pb2.WaitForTa
 
 def outcome_to_task_outcome(outcome: TaskOutcome) -> orchestrator_pb2.TaskOutcome:
     """Build the ``TaskOutcome`` (WatchTasks) of a finished task."""
-    message = orchestrator_pb2.TaskOutcome(task_id=str(outcome.task_id), status_code=_COMPLETED,
-                                           state=outcome.state.value)
-    fill_result(message, outcome.state, outcome.result, outcome.error)
+    message = orchestrator_pb2.TaskOutcome()
+    fill_task_outcome(message, outcome)
     return message
+
+
+def fill_task_outcome(message: orchestrator_pb2.TaskOutcome, outcome: TaskOutcome) -> None:
+    """Fill an empty ``TaskOutcome`` (e.g. one just added to a response) for a finished task."""
+    message.task_id = uuid_text(outcome.task_id)
+    message.status_code = _COMPLETED
+    message.state = outcome.state.value
+    fill_result(message, outcome.state, outcome.result, outcome.error)
 
 
 def attempt_of(view: TaskView) -> int:
