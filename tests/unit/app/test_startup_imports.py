@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 
 import pytest
 
+from azolla.app import server_main
 from azolla.app._imports import without
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,3 +57,23 @@ def test_server_start_path_skips_optional_heavy_imports() -> None:
     assert "structlog" in loaded  # the test is real
     assert "dependency_injector" in loaded
     assert loaded.isdisjoint({"rich", "colorama", "yaml", "prometheus_client"}), loaded
+
+
+def test_main_turns_garbage_collection_back_on_when_it_does_not_serve() -> None:
+    assert gc.isenabled()
+    with pytest.raises(SystemExit) as exit_info:
+        server_main.main(["--port", "not-a-number"])
+    assert exit_info.value.code == 2
+    assert gc.isenabled()
+
+
+def test_garbage_collection_resumes_with_the_start_up_objects_frozen() -> None:
+    server_main._pause_gc()
+    try:
+        assert not gc.isenabled()
+        server_main._resume_gc(object())  # what serve() calls once it serves
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
