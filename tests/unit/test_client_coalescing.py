@@ -400,6 +400,23 @@ async def test_submit_many_chunks_large_batches() -> None:
 
 
 @pytest.mark.grpc
+async def test_submit_many_survives_overload_and_servers_without_batch_rpc() -> None:
+    async with fake_orchestrator() as fake, Client(fake.url, max_batch_size=4) as client:
+        fake.fail_next["CreateTasks"] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        handles = await client.submit_many("t", range(7))
+        assert [fake.tasks[h.task_id].request.args for h in handles] == [f"[{i}]" for i in range(7)]
+        assert len(fake.tasks) == 7  # the refused chunk was sent again, nothing twice
+        fake.unimplemented = {"CreateTasks"}
+        handles = await client.submit_many("u", range(3), priority=2)
+        requests = [fake.tasks[h.task_id].request for h in handles]
+        assert [(r.name, r.args, r.priority) for r in requests] == [
+            ("u", "[0]", 2),
+            ("u", "[1]", 2),
+            ("u", "[2]", 2),
+        ]
+
+
+@pytest.mark.grpc
 async def test_close_finishes_started_submits() -> None:
     async with fake_orchestrator() as fake:
         fake.create_delay = 0.05

@@ -371,7 +371,9 @@ class Client:
         loop = asyncio.get_running_loop()
         fields = options.wire_fields(time.time())  # shared by every task of the call
         domain = self._domain
-        new_request = orchestrator_pb2.CreateTaskRequest
+        size = self._max_batch_size
+        # Each chunk's requests are built inside the CreateTasksRequest that carries them.
+        containers = [orchestrator_pb2.CreateTasksRequest() for _ in range(0, len(items), size)]
         pending: list[_Pending] = []
         for index, value in enumerate(items):
             args, kwargs = map_args(value)
@@ -381,6 +383,7 @@ class Client:
             except ValidationError as exc:
                 raise ValidationError(f"task {index} of submit_many: {exc.message}") from None
             task_key = keys[index]
+            new_request = containers[index // size].tasks.add
             request: orchestrator_pb2.CreateTaskRequest
             if task_key is None:
                 request = new_request(
@@ -397,11 +400,15 @@ class Client:
                 )
             # Sizes only matter to the coalescer, which these items bypass.
             pending.append(Pending(request, loop.create_future(), 0))
-        size = self._max_batch_size
         await asyncio.gather(
             *(
-                self._send_items(pending[i : i + size], self._submit_retries, split_invalid=False)
-                for i in range(0, len(pending), size)
+                self._send_items(
+                    pending[i * size : (i + 1) * size],
+                    self._submit_retries,
+                    split_invalid=False,
+                    container=container,
+                )
+                for i, container in enumerate(containers)
             )
         )
         handles: list[TaskHandle] = []
@@ -433,13 +440,17 @@ class Client:
             "wait_for_ready": True,
         }
 
-    async def _create(self, items: list[_Pending]) -> Sequence[orchestrator_pb2.CreateTaskResponse]:
+    async def _create(
+        self, items: list[_Pending], container: orchestrator_pb2.CreateTasksRequest | None = None
+    ) -> Sequence[orchestrator_pb2.CreateTaskResponse]:
         stub = self._transport.stub()
         if len(items) == 1:
             self._transport.calls["CreateTask"] += 1
             return [await stub.CreateTask(items[0].request, **self._call_kwargs())]
         self._transport.calls["CreateTasks"] += 1
-        request = orchestrator_pb2.CreateTasksRequest(tasks=[i.request for i in items])
+        request = container
+        if request is None:
+            request = orchestrator_pb2.CreateTasksRequest(tasks=[i.request for i in items])
         response = await stub.CreateTasks(request, **self._call_kwargs())
         if len(response.tasks) != len(items):
             raise ServerError(
@@ -448,10 +459,22 @@ class Client:
         return response.tasks
 
     async def _send_items(
-        self, items: list[_Pending], retries: int, *, split_invalid: bool
+        self,
+        items: list[_Pending],
+        retries: int,
+        *,
+        split_invalid: bool,
+        container: orchestrator_pb2.CreateTasksRequest | None = None,
     ) -> None:
-        """Send ``items`` in one RPC and resolve their futures, recovering where it is safe."""
-        items = [item for item in items if not item.future.done()]
+        """Send ``items`` in one RPC and resolve their futures, recovering where it is safe.
+
+        ``container``, if given, is a ``CreateTasksRequest`` holding exactly the items'
+        requests, in order: it is sent as it is while no item has been dropped.
+        """
+        live = [item for item in items if not item.future.done()]
+        if len(live) != len(items):
+            container = None
+        items = live
         if not items:
             return
         if len(items) > 1 and not self._batch_rpc:
@@ -460,7 +483,7 @@ class Client:
             )
             return
         try:
-            responses = await self._create(items)
+            responses = await self._create(items, container)
         except grpc.aio.AioRpcError as exc:
             await self._recover(items, retries, exc, split_invalid=split_invalid)
             return
