@@ -383,3 +383,70 @@ async def test_cpu_time_and_open_file_limits(mode: str) -> None:
         await assert_still_serving(limited)
     finally:
         await limited.close()
+
+
+# -- the state a task starts in ----------------------------------------------------------------
+
+STATE_TASKS = """
+import faulthandler, os, random, resource, signal, sys
+
+from azolla.tasks import azolla_task
+
+
+@azolla_task
+def worker_state() -> dict:
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    return {
+        "pid": os.getpid(),
+        "sid": os.getsid(0),
+        "pgid": os.getpgrp(),
+        "fds": fds,
+        "inheritable": [os.get_inheritable(fd) for fd in (0, 1, 2, 3, 4)],
+        "default_handlers": [
+            name
+            for name in ("SIGTERM", "SIGCHLD", "SIGHUP", "SIGINT")
+            if signal.getsignal(getattr(signal, name)) == signal.SIG_DFL
+        ],
+        "sigint_raises": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+        "wakeup_fd": signal.set_wakeup_fd(-1),
+        "core": resource.getrlimit(resource.RLIMIT_CORE),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "fsize": resource.getrlimit(resource.RLIMIT_FSIZE),
+        "faulthandler": faulthandler.is_enabled(),
+        "line_buffering": sys.stdout.line_buffering,
+        "random": random.random(),
+    }
+"""
+
+
+@pytest.mark.parametrize("mode", ["process", "pool"])
+async def test_the_state_a_task_starts_in(mode: str, tmp_path: Path) -> None:
+    """Session, descriptors, signals, limits and stdio set up before task code runs."""
+    (tmp_path / "state_tasks.py").write_text(STATE_TASKS)
+    executor = make_executor(
+        mode,
+        sys_path=[str(tmp_path), *sys.path],
+        limits=ResourceLimits(open_files=100, file_size_bytes=1 << 20),
+    )
+    executor._forkserver.modules = ["state_tasks"]
+    try:
+        states = [orjson.loads((await executor.execute(req("worker_state"))).value_json)]
+        states.append(orjson.loads((await executor.execute(req("worker_state"))).value_json))
+    finally:
+        await executor.close()
+    for state in states:
+        assert state["sid"] == state["pgid"] == state["pid"]  # its own session and group
+        # 0-2 stdio, 3-4 frames (close-on-exec), one more for listing /proc/self/fd.
+        assert state["fds"] == [0, 1, 2, 3, 4, 5], state["fds"]
+        assert state["inheritable"] == [True, True, True, False, False]
+        assert state["default_handlers"] == ["SIGTERM", "SIGCHLD", "SIGHUP"]
+        assert state["sigint_raises"] is True
+        assert state["wakeup_fd"] == -1
+        assert state["core"] == [0, 0]
+        assert state["nofile"] == [100, 100]
+        assert state["fsize"] == [1 << 20, 1 << 20]
+        assert state["faulthandler"] is True
+        assert state["line_buffering"] is True
+    if mode == "process":
+        assert states[0]["pid"] != states[1]["pid"]
+        assert states[0]["random"] != states[1]["random"]  # reseeded in every process

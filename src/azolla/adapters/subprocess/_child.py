@@ -7,7 +7,15 @@ the task starts never inherit them.
 The worker serves request frames one at a time until its request pipe closes, or
 ``max_attempts`` have run, or it must retire (after a ``MemoryError``, or when descendants it
 started cannot be cleaned up). It is a child subreaper: after each attempt every process the task
-left behind (even ones that called ``setsid``) is killed, so nothing outlives its attempt.
+left behind (even ones that called ``setsid``) is killed, so nothing outlives its attempt. After
+its last attempt it exits at once: the fork server kills its process group before reaping it and
+kills whatever was re-parented to it (see ``_forkserver``).
+
+Cost: every page of the fork server's memory that a worker writes to (a reference count is
+enough) is copied for it, a few microseconds each on a VM. So everything that can be prepared
+once is prepared in the fork server (:class:`WorkerPlan`: the ``/dev/null`` descriptor, the
+resource limits to set, the ``prctl`` entry point, ``faulthandler``, line-buffered stdout), and
+the path from ``fork()`` to the task's first line runs as little Python as it can.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import ctypes
 import faulthandler
 import fcntl
 import functools
+import importlib
 import io
 import os
 import resource
@@ -25,27 +34,28 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import orjson
 
 from azolla.adapters.subprocess._frames import (
+    HEADER,
     KIND_ERROR,
     KIND_ERROR_RETIRE,
     KIND_OK,
-    pack,
-    read_frame,
+    FrameDecoder,
     write_all,
 )
 from azolla.adapters.subprocess.limits import (
     ResourceLimits,
     _effective_memory,
-    apply_static_limits,
+    static_limit_plan,
 )
 from azolla.tasks import TaskContext, TaskOutcome, TaskRegistry, execute_sync
 
-__all__ = ["preload", "worker_entry"]
+__all__ = ["WorkerPlan", "worker_entry"]
 
 REQUEST_FD = 3
 RESULT_FD = 4
@@ -56,38 +66,105 @@ _CUSHION_BYTES = 1 << 20
 EXIT_INTERNAL_ERROR = 70
 #: Exit code of a worker whose task left processes behind that could not be killed.
 EXIT_DESCENDANTS_LEFT = 71
+_READ_CHUNK = 1 << 16
+_OK = bytes((KIND_OK,))
+
+#: ``signal.signal`` without its enum conversions (which run a dozen Python functions); it
+#: recognises only its own ``SIG_DFL`` object.
+_signal: Any = importlib.import_module("_signal")
+_set_handler: Callable[[int, Any], Any] = _signal.signal
+_SIG_DFL: Any = _signal.SIG_DFL
 
 
-def worker_entry(
-    fds: Sequence[int],
-    registry: TaskRegistry,
-    limits: ResourceLimits,
-    max_attempts: int | None,
-    max_result_bytes: int,
-    max_request_bytes: int,
-) -> NoReturn:
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc().prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _close_range_works() -> bool:
+    # os.closerange() is one close_range(2) call on Linux 5.9+; older kernels close one by one.
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return sys.platform == "linux" and (major, minor) >= (5, 9)
+
+
+class WorkerPlan:
+    """What every worker needs, prepared once in the fork server (runs there, not in workers).
+
+    Creating the plan also enables :mod:`faulthandler` and line-buffered stdout in the fork
+    server, so that workers inherit both instead of setting them up.
+
+    Args:
+        registry: The tasks.
+        limits: Resource limits.
+        max_result_bytes: Largest result frame a worker sends.
+        max_request_bytes: Largest request frame a worker accepts.
+    """
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        limits: ResourceLimits,
+        max_result_bytes: int,
+        max_request_bytes: int,
+    ) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.max_result_bytes = max_result_bytes
+        self.max_request_bytes = max_request_bytes
+        #: ``(resource, soft, hard)`` for every limit that holds for a worker's whole life.
+        self.rlimits = static_limit_plan(limits)
+        #: Limits every worker starts with (it inherits them from the fork server).
+        self.base_as = resource.getrlimit(resource.RLIMIT_AS)
+        self.base_cpu = resource.getrlimit(resource.RLIMIT_CPU)
+        #: Names of the ``async`` tasks (they need an event loop).
+        self.async_tasks = frozenset(t.name for t in registry if t.is_async)
+        #: :func:`worker_entry`, for the fork server (which imports this module late).
+        self.worker_entry = worker_entry
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.close_range = _close_range_works()
+        try:
+            self.prctl: Any = _libc().prctl
+        except (OSError, AttributeError):
+            self.prctl = None
+        faulthandler.enable()
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
+        _flush_stdio()  # nothing the fork server printed may reach a worker's output
+
+    def close(self) -> None:
+        """Release the fork server's ``/dev/null`` descriptor."""
+        with contextlib.suppress(OSError):
+            os.close(self.devnull)
+
+
+def worker_entry(fds: Sequence[int], plan: WorkerPlan, max_attempts: int | None) -> NoReturn:
     """Set the freshly forked process up as a worker and serve attempts; never returns.
 
     Args:
         fds: ``[request_read, result_write, output_write]`` received from the shepherd.
-        registry: The tasks.
-        limits: Resource limits.
+        plan: Prepared by the fork server.
         max_attempts: Attempts to serve before exiting (1 in ``process`` mode), or None.
-        max_result_bytes: Largest result frame the worker sends.
-        max_request_bytes: Largest request frame accepted.
     """
     code = EXIT_INTERNAL_ERROR
     try:
         os.setsid()
-        _setup_fds(fds)
-        _reset_signals()
-        apply_static_limits(limits)
-        with contextlib.suppress(OSError):
-            _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        faulthandler.enable()
-        if isinstance(sys.stdout, io.TextIOWrapper):
-            sys.stdout.reconfigure(line_buffering=True)
-        code = _Worker(registry, limits, max_attempts, max_result_bytes, max_request_bytes).run()
+        _reset_signals()  # first: the wake-up descriptor's number is about to be reused
+        _setup_fds(fds, plan)
+        setrlimit = resource.setrlimit
+        for which, soft, hard in plan.rlimits:
+            setrlimit(which, (soft, hard))
+        if plan.prctl is not None:
+            plan.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        code = _Worker(plan, max_attempts).run()
     except BaseException:
         with contextlib.suppress(BaseException):
             traceback.print_exc()
@@ -96,23 +173,29 @@ def worker_entry(
         os._exit(code)
 
 
-def _setup_fds(fds: Sequence[int]) -> None:
-    # Move the received descriptors out of the way first, then into place.
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
-    for fd in fds:
-        os.close(fd)
-    request_r, result_w, output_w = high
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(output_w, 1)
-    os.dup2(output_w, 2)
-    os.dup2(request_r, REQUEST_FD, inheritable=False)
-    os.dup2(result_w, RESULT_FD, inheritable=False)
-    _close_other_fds(RESULT_FD + 1)
+def _setup_fds(fds: Sequence[int], plan: WorkerPlan) -> None:
+    request_r, result_w, output_w = fds
+    devnull = plan.devnull
+    if min(request_r, result_w, output_w, devnull) <= RESULT_FD:
+        # Some source would be overwritten by a dup2 below: move them out of the way first.
+        request_r, result_w, output_w, devnull = (
+            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            for fd in (request_r, result_w, output_w, devnull)
+        )
+    dup2 = os.dup2
+    dup2(devnull, 0)
+    dup2(output_w, 1)
+    dup2(output_w, 2)
+    dup2(request_r, REQUEST_FD, inheritable=False)
+    dup2(result_w, RESULT_FD, inheritable=False)
+    if plan.close_range:
+        os.closerange(RESULT_FD + 1, 1 << 30)
+    else:
+        _close_listed_fds(RESULT_FD + 1)
 
 
-def _close_other_fds(lowest: int) -> None:
-    # Listing /proc/self/fd is far cheaper than close() on every possible number.
+def _close_listed_fds(lowest: int) -> None:
+    # Without close_range(2), listing /proc/self/fd is far cheaper than close() on every number.
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -125,87 +208,88 @@ def _close_other_fds(lowest: int) -> None:
 
 
 def _reset_signals() -> None:
-    with contextlib.suppress(ValueError):
-        signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def preload() -> None:
-    """Do, once in the fork server, the work every forked worker would otherwise repeat."""
-    _libc()
-
-
-def _prctl(option: int, value: int) -> None:
-    if _libc().prctl(option, value, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+    signal.set_wakeup_fd(-1)
+    _set_handler(signal.SIGCHLD, _SIG_DFL)
+    _set_handler(signal.SIGTERM, _SIG_DFL)
+    _set_handler(signal.SIGHUP, _SIG_DFL)
+    _set_handler(signal.SIGINT, signal.default_int_handler)
 
 
 class _Worker:
     """Serves request frames one at a time."""
 
-    def __init__(
-        self,
-        registry: TaskRegistry,
-        limits: ResourceLimits,
-        max_attempts: int | None,
-        max_result_bytes: int,
-        max_request_bytes: int,
-    ) -> None:
-        self.registry = registry
-        self.limits = limits
+    def __init__(self, plan: WorkerPlan, max_attempts: int | None) -> None:
+        self.registry = plan.registry
+        self.limits = plan.limits
         self.max_attempts = max_attempts
-        self.max_result_bytes = max_result_bytes
-        self.max_request_bytes = max_request_bytes
+        self.max_result_bytes = plan.max_result_bytes
+        self.max_request_bytes = plan.max_request_bytes
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.async_tasks = plan.async_tasks
         self.own_pgid = os.getpgrp()
-        self.base_as = resource.getrlimit(resource.RLIMIT_AS)
-        self.base_cpu = resource.getrlimit(resource.RLIMIT_CPU)
+        self.base_as = plan.base_as
+        self.base_cpu = plan.base_cpu
         self.current_memory: int | None = None
+        self.decoder = FrameDecoder(plan.max_request_bytes)
+        self.frames: deque[bytes] = deque()
 
     def run(self) -> int:
-        reader = open(REQUEST_FD, "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115
         served = 0
         while self.max_attempts is None or served < self.max_attempts:
-            payload = read_frame(reader, self.max_request_bytes)
+            payload = self._next_request()
             if payload is None:
                 return 0
             frame, retire = self._serve(payload)
             _flush_stdio()
-            write_all(RESULT_FD, pack(frame))
+            data = HEADER.pack(len(frame)) + frame
+            written = os.write(RESULT_FD, data)
+            if written < len(data):
+                write_all(RESULT_FD, data[written:])
             served += 1
-            if not self._clean_up_descendants():
-                return EXIT_DESCENDANTS_LEFT
             if retire:
                 return 0
+            if self.max_attempts is not None and served >= self.max_attempts:
+                return 0  # exiting now: the fork server kills what the task left behind
+            if not self._clean_up_descendants():
+                return EXIT_DESCENDANTS_LEFT
         return 0
+
+    def _next_request(self) -> bytes | None:
+        """The next request frame's payload (blocking); None at the end of the request pipe.
+
+        Raises:
+            FrameTooLarge: When the frame is larger than ``max_request_bytes``.
+        """
+        frames = self.frames
+        while not frames:
+            data = os.read(REQUEST_FD, _READ_CHUNK)
+            if not data:
+                return None
+            frames.extend(self.decoder.feed(data))
+        return frames.popleft()
 
     def _serve(self, payload: bytes) -> tuple[bytes, bool]:
         task_id, attempt, name, args, kwargs, domain, memory_limit = orjson.loads(payload)
         context = TaskContext(task_id=task_id, attempt=attempt, name=name, domain=domain)
-        memory = _effective_memory(self.limits.memory_bytes, memory_limit)
-        self._set_attempt_limits(memory)
+        memory = self.limits.memory_bytes
+        if memory_limit is not None:
+            memory = _effective_memory(memory, memory_limit)
+        limited = memory is not None or self.limits.cpu_seconds is not None
+        if limited or self.current_memory is not None:
+            self._set_attempt_limits(memory)
         cushion = bytearray(_CUSHION_BYTES) if memory is not None else None
         try:
-            loop = self._loop_for(name)
+            loop = self.loop
+            if loop is None and name in self.async_tasks:
+                loop = self.loop = asyncio.new_event_loop()
             outcome = execute_sync(self.registry, name, args, kwargs, context, loop=loop)
         finally:
             del cushion
-        self._cancel_leftover_tasks()
-        self._restore_limits()
+        if self.loop is not None:
+            self._cancel_leftover_tasks()
+        if limited:
+            self._restore_limits()
         return self._encode(outcome, memory)
-
-    def _loop_for(self, name: str) -> asyncio.AbstractEventLoop | None:
-        if self.loop is None and name in self.registry and self.registry.get(name).is_async:
-            self.loop = asyncio.new_event_loop()
-        return self.loop
 
     def _cancel_leftover_tasks(self) -> None:
         loop = self.loop
@@ -223,7 +307,7 @@ class _Worker:
         if outcome.ok:
             value = outcome.value_json.encode()
             if len(value) + 1 <= self.max_result_bytes:
-                return bytes((KIND_OK,)) + value, False
+                return _OK + value, False
             return self._error_frame(
                 "ResultTooLarge",
                 f"task result of {len(value)} bytes exceeds the limit of "

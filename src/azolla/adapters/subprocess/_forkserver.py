@@ -20,8 +20,13 @@ Fork server -> shepherd:
 
 When a worker exits, the fork server kills the worker's process group *before* reaping it (the
 zombie keeps the group id from being reused), and kills any orphan that was re-parented to it
-(it is a child subreaper). When the shepherd goes away (control socket closed) or on
-``shutdown``/``SIGTERM``, it kills every worker and exits.
+(it is a child subreaper; its children are read from ``/proc/self/task/<pid>/children``, kept
+open). When the shepherd goes away (control socket closed) or on ``shutdown``/``SIGTERM``, it
+kills every worker and exits.
+
+Every fork makes the fork server's own memory copy-on-write again, so its loop between forks
+does little Python work: ``poll`` instead of ``selectors``, orphans scanned once per batch of exits
+with one ``pread``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import array
 import contextlib
 import gc
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -40,7 +45,10 @@ from typing import Any
 import orjson
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: Largest message: the first one (``init``) carries the import path.
 _MAX_MESSAGE = 1 << 20
+#: Largest message after ``init`` (``spawn`` or ``shutdown``).
+_MAX_REQUEST = 1 << 16
 
 
 class _Shutdown(Exception):
@@ -54,11 +62,11 @@ class ForkServer:
         self.sock = sock
         self.children: set[int] = set()
         self.registry: Any = None
-        self.limits: Any = None
-        self.max_result_bytes = 0
-        self.max_request_bytes = 0
+        self.plan: Any = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector = selectors.DefaultSelector()
+        self.children_fd = -1
+        self._cmsg_space = socket.CMSG_SPACE(16 * array.array("i").itemsize)
+        self.own_pgid = os.getpgrp()
 
     # -- messages --------------------------------------------------------------------------
 
@@ -68,11 +76,14 @@ class ForkServer:
         except OSError as exc:
             raise _Shutdown from exc
 
-    def receive(self) -> tuple[dict[str, Any], list[int]]:
+    def receive(self, size: int = _MAX_REQUEST) -> tuple[dict[str, Any], list[int]]:
+        """Receive one message and the descriptors attached to it.
+
+        Raises:
+            _Shutdown: When the shepherd closed the socket.
+        """
         fds = array.array("i")
-        msg, ancdata, _flags, _addr = self.sock.recvmsg(
-            _MAX_MESSAGE, socket.CMSG_SPACE(16 * fds.itemsize)
-        )
+        msg, ancdata, _flags, _addr = self.sock.recvmsg(size, self._cmsg_space)
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
@@ -85,7 +96,7 @@ class ForkServer:
     # -- start-up --------------------------------------------------------------------------
 
     def initialise(self) -> None:
-        message, fds = self.receive()
+        message, fds = self.receive(_MAX_MESSAGE)
         for fd in fds:
             os.close(fd)
         if message.get("op") != "init":
@@ -99,8 +110,12 @@ class ForkServer:
             from azolla.tasks import load_modules
 
             self.registry = load_modules(message.get("modules", []))
-            self.limits = ResourceLimits.from_dict(message.get("limits", {}))
-            _child.preload()
+            self.plan = _child.WorkerPlan(
+                self.registry,
+                ResourceLimits.from_dict(message.get("limits", {})),
+                int(message["max_result_bytes"]),
+                int(message["max_request_bytes"]),
+            )
         except BaseException as exc:
             self.send(
                 {
@@ -110,10 +125,12 @@ class ForkServer:
                 }
             )
             raise _Shutdown from exc
-        self.max_result_bytes = int(message["max_result_bytes"])
-        self.max_request_bytes = int(message["max_request_bytes"])
-        with contextlib.suppress(OSError, AttributeError):
-            _child._libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if self.plan.prctl is not None:
+            self.plan.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        with contextlib.suppress(OSError):
+            self.children_fd = os.open(
+                f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY | os.O_CLOEXEC
+            )
         gc.collect()
         gc.freeze()  # keep forked workers from copying pages just to update GC headers
         self.send({"op": "ready", "pid": os.getpid(), "tasks": self.registry.names()})
@@ -124,15 +141,17 @@ class ForkServer:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, _raise_shutdown)
-        self.selector.register(self.sock, selectors.EVENT_READ, "ctrl")
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        poller = select.poll()
+        ctrl = self.sock.fileno()
+        poller.register(ctrl, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
         while True:
-            for key, _ in self.selector.select():
-                if key.data == "ctrl":
+            for fd, _ in poller.poll():
+                if fd == ctrl:
                     self.handle_message()
                 else:
                     with contextlib.suppress(BlockingIOError):
-                        while os.read(self.wake_r, 4096):
+                        while len(os.read(self.wake_r, 4096)) == 4096:
                             pass
                     self.reap()
 
@@ -170,40 +189,33 @@ class ForkServer:
 
     def _become_worker(self, fds: list[int], message: dict[str, Any]) -> None:
         try:
-            self.selector.close()
-            self.sock.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            from azolla.adapters.subprocess._child import worker_entry
-
-            worker_entry(
-                fds,
-                self.registry,
-                self.limits,
-                message.get("max_attempts"),
-                self.max_result_bytes,
-                self.max_request_bytes,
-            )
+            # Every other descriptor of the fork server is closed by the worker's set-up.
+            self.sock.detach()
+            self.plan.worker_entry(fds, self.plan, message.get("max_attempts"))
         finally:
             os._exit(70)
 
     def reap(self) -> None:
+        """Reap every exited child, report the workers among them, then kill orphans."""
+        reaped = False
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return
+                break
             if info is None:
-                return
+                break
             pid = info.si_pid
             known = pid in self.children
-            if known:
+            if known and pid != self.own_pgid:
                 # Kill what the worker left in its group while the zombie pins the group id.
-                _kill_group(pid)
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
             try:
                 _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
                 continue
+            reaped = True
             if known:
                 self.children.discard(pid)
                 self.send(
@@ -215,17 +227,38 @@ class ForkServer:
                         "max_rss_kb": usage.ru_maxrss,
                     }
                 )
+        if reaped:
             self.kill_orphans()
 
     def kill_orphans(self) -> None:
         """Kill re-parented descendants of finished workers (we are their subreaper)."""
-        for pid in _children():
+        for pid in self.child_pids():
             if pid not in self.children:
                 _kill_group(pid)
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
 
+    def child_pids(self) -> list[int]:
+        """Pids of this process's children (workers and re-parented orphans).
+
+        Orphans are re-parented to the main thread, the one that forks the workers; so one
+        ``pread`` of its ``children`` file lists them all (a thread that a task module started
+        at import time forks children of its own, which are not ours to kill).
+        """
+        if self.children_fd < 0:
+            return _children()
+        size = 1 << 16
+        while True:
+            try:
+                data = os.pread(self.children_fd, size, 0)
+            except OSError:
+                return _children()
+            if len(data) < size:
+                return [int(p) for p in data.split()]
+            size *= 4
+
     def shutdown(self) -> None:
+        """Kill every worker and orphan, then reap the workers."""
         for pid in list(self.children):
             _kill_group(pid)
             with contextlib.suppress(OSError):

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ResourceLimits", "is_secret_variable", "scrub_environment"]
+__all__ = ["ResourceLimits", "is_secret_variable", "scrub_environment", "static_limit_plan"]
 
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 
@@ -149,25 +149,33 @@ def _effective_memory(configured: int | None, requested: int | None) -> int | No
     return min(configured, requested)
 
 
-def apply_static_limits(limits: ResourceLimits) -> None:
-    """Apply the limits that hold for a worker's whole life (in the worker process itself).
+def static_limit_plan(limits: ResourceLimits) -> list[tuple[int, int, int]]:
+    """Return the ``setrlimit`` calls for the limits that hold for a worker's whole life.
+
+    Computed once in the fork server (each limit is capped at the hard limit it has, which its
+    workers inherit); every worker then makes the calls itself, before any task code runs.
 
     Args:
         limits: The limits.
+
+    Returns:
+        ``(resource, soft, hard)`` triples.
     """
+    wanted: list[tuple[int, int]] = []
     if not limits.core_dumps:
-        _set(resource.RLIMIT_CORE, 0, 0)
+        wanted.append((resource.RLIMIT_CORE, 0))
     if limits.open_files is not None:
-        _set(resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)
+        wanted.append((resource.RLIMIT_NOFILE, limits.open_files))
     if limits.file_size_bytes is not None:
-        _set(resource.RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes)
+        wanted.append((resource.RLIMIT_FSIZE, limits.file_size_bytes))
     if limits.max_processes is not None:
-        _set(resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes)
-
-
-def _set(which: int, soft: int, hard: int) -> None:
-    _, current_hard = resource.getrlimit(which)
-    if current_hard != resource.RLIM_INFINITY:
-        hard = min(hard, current_hard)
-        soft = min(soft, hard)
-    resource.setrlimit(which, (soft, hard))
+        wanted.append((resource.RLIMIT_NPROC, limits.max_processes))
+    plan: list[tuple[int, int, int]] = []
+    for which, value in wanted:
+        soft = hard = value
+        _, current_hard = resource.getrlimit(which)
+        if current_hard != resource.RLIM_INFINITY:
+            hard = min(hard, current_hard)
+            soft = min(soft, hard)
+        plan.append((which, soft, hard))
+    return plan
