@@ -772,7 +772,8 @@ class ShepherdRuntime:
                 messages.append(opb.ClientMsg(status=self._status()))
                 self.stats["status_sent"] += 1
             if self._outbox and (not self._draining or self._final or self._drain_signal):
-                hold = 0.0 if self._final else last_results + interval - now
+                # Holding only pays when the results then share a message (batched protocol).
+                hold = 0.0 if self._final or not self._modern else last_results + interval - now
                 if hold <= 0:
                     messages.extend(self._result_messages(now))
                     last_results = now

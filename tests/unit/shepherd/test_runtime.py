@@ -343,6 +343,27 @@ async def test_an_orchestrator_without_hello_ack_gets_the_original_protocol(
         await rt.stop(0)
 
 
+async def test_the_original_protocol_does_not_hold_results(
+        executor: ScriptedExecutor, connector: FakeConnector) -> None:
+    # One message per result anyway: holding them would only delay them.
+    rt = ShepherdRuntime(executor, connector, config(hello_ack_timeout=0.1, result_interval=5.0))
+    await rt.start()
+    try:
+        link, _ = await connector.accept()
+        link.push(opb.ServerMsg(task=task("one", "wait")))
+        link.push(opb.ServerMsg(task=task("two", "wait")))
+        await executor.wait_started("one")
+        await executor.wait_started("two")
+        executor.release("one")
+        await link.results(1)
+        await asyncio.sleep(0.05)
+        executor.release("two")
+        (second,) = await link.results(1, timeout=2.0)
+        assert second.task_id == "two"
+    finally:
+        await rt.stop(0)
+
+
 async def test_executor_failure_is_reported_as_a_retriable_shepherd_error(
         executor: ScriptedExecutor, connector: FakeConnector) -> None:
     async def explode(request: object) -> None:
