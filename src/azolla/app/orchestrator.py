@@ -6,8 +6,10 @@ in-memory aggregates in order, appends all resulting events in **one** atomic ap
 after that commit updates the TaskSet, answers callers, pushes work to shepherds and wakes
 waiters. Commands never interleave, so no locks are needed; a failed commit drops the touched
 aggregates (they are reloaded from the log when next needed) and fails exactly the commands of
-that batch. The loop batches adaptively: while one commit is in flight, new commands queue up
-and go together in the next one.
+that batch. The loop batches adaptively and pipelines: while one batch's append is in flight,
+the commands that arrived meanwhile are decided as the next batch, which is sent once the first
+has committed (and fails with it if it fails). A task submitted when a shepherd of its group
+has a free slot, with nothing waiting ahead of it, is started in the batch that accepts it.
 
 Reads (status, wait, watch) are served from the TaskSet, i.e. from committed state only.
 """
