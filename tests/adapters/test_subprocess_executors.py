@@ -385,6 +385,16 @@ async def test_cpu_time_and_open_file_limits(mode: str) -> None:
         await limited.close()
 
 
+async def test_a_request_larger_than_a_pipe_buffer(executor: Executor, tmp_path: Path) -> None:
+    """Arguments bigger than the request pipe holds (64 KiB) reach the worker whole."""
+    text = "0123456789" * 30_000
+    outcome = await executor.execute(req("write_marker", str(tmp_path / "out"), text, timeout=10))
+    assert outcome.ok, outcome
+    assert orjson.loads(outcome.value_json) == text
+    assert (tmp_path / "out").read_text() == text
+    await assert_still_serving(executor)
+
+
 # -- the state a task starts in ----------------------------------------------------------------
 
 STATE_TASKS = """

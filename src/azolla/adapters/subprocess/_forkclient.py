@@ -538,8 +538,13 @@ class ForkServerClient:
 
     # -- spawning --------------------------------------------------------------------------
 
-    async def spawn(self, max_attempts: int | None) -> ChildProcess:
+    async def spawn(self, max_attempts: int | None, request: bytes = b"") -> ChildProcess:
         """Fork a worker that serves ``max_attempts`` attempts (None: until told to stop).
+
+        Args:
+            max_attempts: Attempts the worker serves before it exits.
+            request: A request frame written to the worker's request pipe before the fork, so
+                the worker finds it at once; with ``max_attempts=1`` the pipe is then closed.
 
         Returns:
             The worker, already being watched.
@@ -566,6 +571,10 @@ class ForkServerClient:
             tail_lines=self.tail_lines,
             max_frame=self.max_result_bytes + 64,
         )
+        if request:
+            child.send(request)
+            if max_attempts == 1:
+                child.close_input()
         spawn_id = next(self._ids)
         future: asyncio.Future[int] = loop.create_future()
         self._spawns[spawn_id] = (future, child)

@@ -3,8 +3,8 @@
 Each attempt runs in a new process forked from a fork server that has already imported the task
 modules (a fork costs about a millisecond; a fresh interpreter tens to hundreds). The process
 leads its own session and process group, applies the resource limits, reads the attempt from a
-pipe, writes the result to another pipe and exits; its output is captured. Whatever it leaves
-behind is killed with its group.
+pipe (written before the fork, so it is there at once), writes the result to another pipe and
+exits; its output is captured. Whatever it leaves behind is killed with its group.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ProcessExecutor(ForkingExecutorBase):
             if oversized is not None:
                 return oversized
             try:
-                child = await self._forkserver.spawn(max_attempts=1)
+                child = await self._forkserver.spawn(max_attempts=1, request=frame)
             except WorkerStartError as exc:
                 return start_failed_outcome(request, str(exc))
             if attempt.finished:  # cancelled or closed while the worker was being forked
@@ -76,8 +76,6 @@ class ProcessExecutor(ForkingExecutorBase):
             child.on_frame = attempt.on_frame
             child.on_eof = lambda: attempt.signal(EXIT)
             self._watch_exit(child, lambda: attempt.signal(EXIT))
-            child.send(frame)
-            child.close_input()
             self._arm_timeout(attempt)
             kind = await attempt.event
             outcome, _ = await self._conclude(attempt, kind, child)
