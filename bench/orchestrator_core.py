@@ -10,6 +10,7 @@ can be measured without the noise of the rest of the system::
     .venv/bin/python bench/orchestrator_core.py --tasks 20000 --capacity 64 --repeat 3
     .venv/bin/python bench/orchestrator_core.py --store memory          # no database at all
     .venv/bin/python bench/orchestrator_core.py --profile /tmp/core.prof  # cProfile the loop
+    .venv/bin/python bench/orchestrator_core.py --submit-only --shepherds 0  # accepting only
 """
 
 from __future__ import annotations
@@ -126,10 +127,11 @@ async def run_once(args: argparse.Namespace, dsn: str | None, pg_pid: int | None
         profiler.enable()
     batches = [requests[i:i + args.batch] for i in range(0, len(requests), args.batch)]
     submitted = await asyncio.gather(*(orchestrator.submit(b) for b in batches))
-    for results in submitted:
-        for result in results:
-            orchestrator.on_outcome(result.task_id, on_done)
-    await asyncio.wait_for(finished, args.timeout)
+    if not args.submit_only:
+        for results in submitted:
+            for result in results:
+                orchestrator.on_outcome(result.task_id, on_done)
+        await asyncio.wait_for(finished, args.timeout)
     elapsed = time.perf_counter() - t0
     if profiler is not None:
         profiler.disable()
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="tasks per submit call")
     parser.add_argument("--capacity", type=int, default=64, help="slots per shepherd")
     parser.add_argument("--shepherds", type=int, default=1)
+    parser.add_argument("--submit-only", action="store_true",
+                        help="measure accepting the tasks only (use with --shepherds 0)")
     parser.add_argument("--store", choices=("postgres", "memory"), default="postgres")
     parser.add_argument("--dsn", help="use this database instead of a private cluster")
     parser.add_argument("--repeat", type=int, default=3)

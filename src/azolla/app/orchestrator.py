@@ -98,6 +98,8 @@ class OrchestratorConfig:
         reconnect_grace: After an orchestrator start, how long recovered running attempts wait
             for their shepherd to reconnect and claim them before they are declared lost.
         max_commands_per_batch: Upper bound on commands decided per commit.
+        max_events_per_batch: A batch takes no further command once it holds this many
+            events (one command may exceed it).
         domain_concurrency: Optional per-domain limit on running attempts.
         limits: Bounds on submissions.
         outcome_cache: Finished tasks kept in memory (older ones are read from the log).
@@ -108,6 +110,7 @@ class OrchestratorConfig:
     lease_grace: float = 5.0
     reconnect_grace: float = 10.0
     max_commands_per_batch: int = 4096
+    max_events_per_batch: int = 2000
     domain_concurrency: dict[str, int] = field(default_factory=dict)
     limits: SpecLimits = field(default_factory=SpecLimits)
     outcome_cache: int = 100_000
@@ -119,6 +122,11 @@ class SystemClock:
     def now(self) -> float:
         """Return ``time.time()``."""
         return time.time()
+
+
+#: UUIDv7 layout: clear the version and variant bits, then set version 7 and variant 0b10.
+_V7_KEEP = ((1 << 128) - 1) & ~(0xF << 76 | 0x3 << 62)
+_V7_SET = 0x7 << 76 | 0x2 << 62
 
 
 class RandomIds:
@@ -140,12 +148,10 @@ class RandomIds:
         if self._offset + 10 > len(self._pool):
             self._pool = os.urandom(self._BLOCK)
             self._offset = 0
-        raw = bytearray((time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF).to_bytes(6, "big"))
-        raw += self._pool[self._offset:self._offset + 10]
+        millis = time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF
+        rand = int.from_bytes(self._pool[self._offset:self._offset + 10], "big")
         self._offset += 10
-        raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
-        raw[8] = 0x80 | (raw[8] & 0x3F)  # RFC 4122 variant
-        return UUID(bytes=bytes(raw))
+        return UUID(int=(millis << 80 | rand) & _V7_KEEP | _V7_SET)
 
     def random(self) -> float:
         """Return a uniform sample from [0, 1)."""
@@ -735,27 +741,29 @@ class Orchestrator:
             return
         now = self.clock.now()
         self.taskset.advance(now)
-        commands: list[_Command] = []
-        limit = self.config.max_commands_per_batch
+        config = self.config
         pipelined = self._inflight is not None
-        while self._inbox and len(commands) < limit:
-            if pipelined and isinstance(self._inbox[0], _BARRIERS):
-                break
-            commands.append(self._inbox.popleft())
+        inbox = self._inbox
         batch = _Batch()
-        for index, command in enumerate(commands):
+        decided = 0
+        # Bounded batches keep commits short, so that deciding the next one overlaps them.
+        while (inbox and decided < config.max_commands_per_batch
+               and len(batch.events) < config.max_events_per_batch):
+            if pipelined and isinstance(inbox[0], _BARRIERS):
+                break
+            command = inbox.popleft()
+            decided += 1
             try:
                 await self._decide(command, batch, now)
             except Exception as exc:  # a bug, or a value the domain did not foresee
-                # Undo the step as a failed commit would, fail only this command, and decide
-                # the ones after it again: they must not wait forever for an answer.
+                # Undo the step as a failed commit would (its earlier commands fail as in a
+                # failed commit), fail this command as a bug; later commands stay queued.
                 log.exception("deciding %s failed; the step is undone", type(command).__name__)
                 await self._settle_inflight()
                 self._rollback(batch, StoreUnavailable(
                     "the server could not decide this step; nothing was recorded, retry"))
                 _fail(command.future, AzollaDomainError(
                     f"internal error while deciding ({type(exc).__name__}); see the server log"))
-                self._inbox.extendleft(reversed(commands[index + 1:]))
                 return
         if not pipelined:
             await self._expire(batch, now)

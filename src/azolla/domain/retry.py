@@ -122,12 +122,27 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 @lru_cache(maxsize=256)
+def _policy_dict_by_value(policy: RetryPolicy) -> dict[str, Any]:
+    return policy.to_dict()
+
+
+_POLICY_DICT_BY_ID: dict[int, tuple[RetryPolicy, dict[str, Any]]] = {}
+
+
 def policy_to_dict(policy: RetryPolicy) -> dict[str, Any]:
     """Return the JSON form of ``policy`` (cached: policies are immutable).
 
+    Looked up by identity first (hashing a pydantic model hashes every field), then by value.
     The returned dict is shared; callers must not modify it.
     """
-    return policy.to_dict()
+    hit = _POLICY_DICT_BY_ID.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+    raw = _policy_dict_by_value(policy)
+    if len(_POLICY_DICT_BY_ID) >= 1024:
+        _POLICY_DICT_BY_ID.clear()
+    _POLICY_DICT_BY_ID[id(policy)] = (policy, raw)  # the entry keeps ``policy`` (and its id) alive
+    return raw
 
 
 _DEFAULT_DICT = policy_to_dict(DEFAULT_POLICY)

@@ -15,6 +15,7 @@ from azolla.adapters.memory.transport import InProcessShepherd, InProcessTranspo
 from azolla.app.model import ReportedOutcome, ShepherdHello, SubmitRequest, TaskOutcome
 from azolla.app.orchestrator import Orchestrator, OrchestratorConfig
 from azolla.domain.errors import (
+    AzollaDomainError,
     InvalidTaskSpec,
     InvalidTransition,
     StoreUnavailable,
@@ -866,4 +867,52 @@ async def test_a_failed_direct_start_frees_the_slot_and_pushes_nothing(
     outcome = await run_one(orch, SubmitRequest(name="t"))
     assert outcome.state is TaskState.SUCCEEDED
     assert len(sh.executions) == 1
+    await orch.stop()
+
+
+async def test_a_command_that_breaks_the_decider_fails_alone_with_its_batch(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    original = orch._decide_submit
+
+    def breaks_on_boom(command: Any, batch: Any, now: float) -> None:
+        if any(r.name == "boom" for r in command.requests):
+            raise RuntimeError("a bug")
+        original(command, batch, now)
+
+    orch._decide_submit = breaks_on_boom  # type: ignore[method-assign]
+    held = await _hold_next_append(orch, store, SubmitRequest(name="first"))
+    # Queued in one go, so that one step decides all three.
+    before = asyncio.ensure_future(orch.submit([SubmitRequest(name="a")]))
+    boom = asyncio.ensure_future(orch.submit([SubmitRequest(name="boom")]))
+    after = asyncio.ensure_future(orch.submit([SubmitRequest(name="c")]))
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    await held
+    with pytest.raises(StoreUnavailable):
+        await before  # decided in the undone batch: nothing recorded, safe to retry
+    with pytest.raises(AzollaDomainError, match="internal error"):
+        await boom
+    [c] = await after
+    submitted = [json.loads(e.payload)["name"] for e in await store.read_all(0, 100)
+                 if e.type == "TaskSubmitted.v1"]
+    assert submitted == ["first", "c"]
+    assert (await orch.status("default", c.task_id)).state is TaskState.QUEUED
+    await orch.stop()
+
+
+async def test_a_batch_takes_no_more_commands_once_it_holds_enough_events(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store, config=OrchestratorConfig(max_events_per_batch=2))
+    await orch.start()
+    held = await _hold_next_append(orch, store, SubmitRequest(name="first"))
+    later = [asyncio.ensure_future(orch.submit([SubmitRequest(name=f"t{i}")])) for i in range(3)]
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    await held
+    await asyncio.gather(*later)
+    assert [len(types) for types in store.appends] == [1, 2, 1]
     await orch.stop()
