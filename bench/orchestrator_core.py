@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import resource
@@ -74,6 +75,25 @@ async def _open_store(kind: str, dsn: str | None) -> EventStore:
     return await PostgresEventStore.open(dsn)
 
 
+class GcTimer:
+    """Counts the garbage collector's passes and pause times (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.longest = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        self.count += 1
+        self.total += pause
+        self.longest = max(self.longest, pause)
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -122,6 +142,8 @@ async def run_once(args: argparse.Namespace, dsn: str | None, pg_pid: int | None
         if remaining == 0 and not finished.done():
             finished.set_result(None)
 
+    gc_timer = GcTimer()
+    gc.callbacks.append(gc_timer)
     cpu0, pg0, t0 = _cpu(), _pg_cpu(pg_pid), time.perf_counter()
     if profiler is not None:
         profiler.enable()
@@ -136,6 +158,7 @@ async def run_once(args: argparse.Namespace, dsn: str | None, pg_pid: int | None
     if profiler is not None:
         profiler.disable()
     cpu, pg = _cpu() - cpu0, _pg_cpu(pg_pid) - pg0
+    gc.callbacks.remove(gc_timer)
     metrics = dict(orchestrator.metrics)
     await orchestrator.stop()
     await store.close()
@@ -145,6 +168,8 @@ async def run_once(args: argparse.Namespace, dsn: str | None, pg_pid: int | None
         "cpu_us_per_task": round(cpu / args.tasks * 1e6, 1),
         "pg_cpu_us_per_task": round(pg / args.tasks * 1e6, 1),
         "commit_wait_s": round(commit_seconds[0], 3),
+        "gc_passes": gc_timer.count, "gc_s": round(gc_timer.total, 3),
+        "gc_longest_ms": round(gc_timer.longest * 1e3, 1),
         "commits": metrics["commits"], "events": metrics["events"],
         "events_per_commit": round(metrics["events"] / max(metrics["commits"], 1), 1),
     }
@@ -193,7 +218,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", help="write cProfile stats of the measured part here")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--gc-threshold", default="server",
+                        help="gc.set_threshold for the run: 'server' (azolla-server's, the "
+                             "default), 'default' (Python's) or e.g. 50000,20,100")
     args = parser.parse_args()
+    if args.gc_threshold == "server":
+        from azolla.app.server_main import SERVING_GC_THRESHOLD
+        gc.set_threshold(*SERVING_GC_THRESHOLD)
+    elif args.gc_threshold != "default":
+        gc.set_threshold(*(int(part) for part in args.gc_threshold.split(",")))
     if args.loop == "uvloop":
         import uvloop
         uvloop.run(main_async(args))

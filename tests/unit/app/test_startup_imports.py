@@ -68,12 +68,15 @@ def test_main_turns_garbage_collection_back_on_when_it_does_not_serve() -> None:
 
 
 def test_garbage_collection_resumes_with_the_start_up_objects_frozen() -> None:
+    thresholds = gc.get_threshold()
     server_main._pause_gc()
     try:
         assert not gc.isenabled()
         server_main._resume_gc(object())  # what serve() calls once it serves
         assert gc.isenabled()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == server_main.SERVING_GC_THRESHOLD
     finally:
         gc.unfreeze()
         gc.enable()
+        gc.set_threshold(*thresholds)
