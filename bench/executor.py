@@ -12,8 +12,13 @@ Reported per configuration:
 * ``wall us/att``: wall time per attempt at that concurrency (1e6 / attempts/s);
 * ``parent us``: CPU time (user + system) of this process per attempt: the shepherd side;
 * ``workers us``: CPU time of the worker processes per attempt (pool: the workers; process:
-  the fork server and the children it reaped);
-* with ``--latency``: one attempt at a time, p50/p99 of ``execute`` in microseconds.
+  the fork server and the children it reaped), and for process mode ``of it fork server``:
+  the fork server's own share (forking, reaping, its copy-on-write faults; the rest is spent
+  in the children: start-up after ``fork()``, the task, exit);
+* with ``--latency``: one attempt at a time, p50/p99 of ``execute`` in microseconds;
+* at the end, the fork floor: CPU of a bare ``fork()`` + ``_exit(0)`` from a process that
+  imported what the fork server imports (``--fork-floor N``), i.e. what no process-mode attempt
+  can go below on this machine.
 
 Usage::
 
@@ -34,6 +39,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -67,6 +73,7 @@ class Result:
     wall_us_per_attempt: float
     parent_cpu_us: float
     workers_cpu_us: float
+    forkserver_cpu_us: float | None = None
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
 
@@ -108,11 +115,15 @@ def make_executor(mode: str, workers: int) -> Executor:
     return ProcessExecutor([TASKS], sys_path=sys_path)
 
 
-def worker_cpu(executor: Executor) -> float:
+def worker_cpu(executor: Executor) -> tuple[float, float]:
+    """CPU seconds of the workers (process mode: fork server and children) and of the fork
+    server alone (0 in pool mode)."""
     if isinstance(executor, PoolExecutor):
-        return sum(proc_cpu(pid) for pid in executor.worker_pids)
+        return sum(proc_cpu(pid) for pid in executor.worker_pids), 0.0
     pid = executor.fork_server_pid
-    return proc_cpu(pid, children=True) if pid else 0.0
+    if not pid:
+        return 0.0, 0.0
+    return proc_cpu(pid, children=True), proc_cpu(pid)
 
 
 async def drive(executor: Executor, batch: list[ExecutionRequest], concurrency: int) -> int:
@@ -132,7 +143,7 @@ async def drive(executor: Executor, batch: list[ExecutionRequest], concurrency: 
 
 async def measure_once(
     mode: str, workers: int, concurrency: int, attempts: int, latency: int
-) -> tuple[float, float, float, list[float]]:
+) -> tuple[float, float, float, list[float], float]:
     executor = make_executor(mode, workers)
     await executor.start()
     try:
@@ -143,7 +154,9 @@ async def measure_once(
         failures = await drive(executor, batch, concurrency)
         wall = time.perf_counter() - started
         parent = self_cpu() - cpu_parent
-        workers_cpu = worker_cpu(executor) - cpu_workers
+        after = worker_cpu(executor)
+        workers_cpu = after[0] - cpu_workers[0]
+        forkserver_cpu = after[1] - cpu_workers[1]
         if failures:
             raise RuntimeError(f"{failures} attempts failed")
         samples: list[float] = []
@@ -151,7 +164,13 @@ async def measure_once(
             t0 = time.perf_counter()
             await executor.execute(request)
             samples.append((time.perf_counter() - t0) * 1e6)
-        return attempts / wall, parent / attempts * 1e6, workers_cpu / attempts * 1e6, samples
+        return (
+            attempts / wall,
+            parent / attempts * 1e6,
+            workers_cpu / attempts * 1e6,
+            samples,
+            forkserver_cpu / attempts * 1e6,
+        )
     finally:
         await executor.close()
 
@@ -178,7 +197,7 @@ def measure(
     repeat: int,
     latency: int,
 ) -> Result:
-    runs: list[tuple[float, float, float, list[float]]] = []
+    runs: list[tuple[float, float, float, list[float], float]] = []
     for _ in range(repeat):
         runs.append(
             run_with(
@@ -200,6 +219,7 @@ def measure(
         wall_us_per_attempt=round(1e6 / best[0], 1),
         parent_cpu_us=round(best[1], 1),
         workers_cpu_us=round(best[2], 1),
+        forkserver_cpu_us=round(best[4], 1) if mode == "process" else None,
         latency_p50_us=round(percentile(samples, 50)) if samples else None,
         latency_p99_us=round(percentile(samples, 99)) if samples else None,
     )
@@ -212,6 +232,46 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
     }
+
+
+_FORK_FLOOR = """
+import gc, os, resource, sys
+sys.path[:0] = [{root!r}, {src!r}]
+import bench.tasks_noop
+from azolla.adapters.subprocess import _child, _forkserver
+gc.collect()
+gc.freeze()
+count = {count}
+
+def cpu(who):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+before = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+for _ in range(count):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+parent = (cpu(resource.RUSAGE_SELF) - before[0]) / count * 1e6
+child = (cpu(resource.RUSAGE_CHILDREN) - before[1]) / count * 1e6
+rss = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS")][0]
+print(f"{{parent:.0f}} {{child:.0f}} {{rss}}")
+"""
+
+
+def fork_floor(count: int) -> dict[str, float]:
+    """CPU of ``fork()`` + ``_exit(0)`` from a process that imported what the fork server does.
+
+    The floor under any process-mode attempt: the parent's share is the fork itself (copying
+    page tables), the child's share is CPython's after-fork work (its at-fork hooks) and the
+    exit (unmapping everything).
+    """
+    code = _FORK_FLOOR.format(root=str(ROOT), src=str(ROOT / "src"), count=count)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return {"parent_us": float(out[0]), "child_us": float(out[1]), "rss_kb": float(out[2])}
 
 
 def main() -> None:
@@ -229,6 +289,9 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=200,
                         help="sequential attempts for latency percentiles (0: skip)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--fork-floor", type=int, default=300, metavar="N",
+                        help="also time N bare fork()+_exit() of a fork-server-sized process "
+                        "(0: skip)")  # fmt: skip
     options = parser.parse_args()
 
     concurrencies = [int(c) for c in options.concurrency.split(",")]
@@ -237,7 +300,7 @@ def main() -> None:
     header = (
         f"{'mode':8} {'loop':8} {'workers':>7} {'conc':>5} {'attempts':>8} "
         f"{'att/s best':>10} {'median':>8} {'wall us':>8} {'parent us':>9} {'workers us':>10} "
-        f"{'p50 us':>7} {'p99 us':>7}"
+        f"{'of it fork server':>17} {'p50 us':>7} {'p99 us':>7}"
     )
     print(header)
     results: list[Result] = []
@@ -263,15 +326,24 @@ def main() -> None:
                         f"{attempts:>8} {result.attempts_per_s:>10} "
                         f"{result.median_attempts_per_s:>8} {result.wall_us_per_attempt:>8} "
                         f"{result.parent_cpu_us:>9} {result.workers_cpu_us:>10} "
+                        f"{result.forkserver_cpu_us or '-':>17} "
                         f"{result.latency_p50_us or '-':>7} {result.latency_p99_us or '-':>7}",
                         flush=True,
                     )
+    floor = fork_floor(options.fork_floor) if options.fork_floor else None
+    if floor is not None:
+        print(
+            f"fork floor (fork + _exit of a {floor['rss_kb'] / 1024:.0f} MB process, "
+            f"{options.fork_floor} times): parent {floor['parent_us']:.0f} us, "
+            f"child {floor['child_us']:.0f} us per fork"
+        )
     after = machine()
     print(f"load average after: {after['load_average']}")
     if options.json:
         report = {
             "machine": before,
             "load_after": after["load_average"],
+            "fork_floor": floor,
             "results": [asdict(r) for r in results],
         }
         options.json.write_text(json.dumps(report, indent=2))
