@@ -426,6 +426,14 @@ def worker_state() -> dict:
         "line_buffering": sys.stdout.line_buffering,
         "random": random.random(),
     }
+
+
+@azolla_task
+def print_then_fail(lines: int) -> None:
+    for i in range(lines):
+        print(f"line {i} " + "x" * 100)
+    print("last words", file=sys.stderr)
+    raise ValueError("failed after printing")
 """
 
 
@@ -460,3 +468,21 @@ async def test_the_state_a_task_starts_in(mode: str, tmp_path: Path) -> None:
     if mode == "process":
         assert states[0]["pid"] != states[1]["pid"]
         assert states[0]["random"] != states[1]["random"]  # reseeded in every process
+
+
+@pytest.mark.parametrize("mode", ["process", "pool"])
+async def test_a_failure_reports_the_output_written_before_it(mode: str, tmp_path: Path) -> None:
+    """The tail of a task that raises holds everything it printed, the last line included."""
+    (tmp_path / "state_tasks.py").write_text(STATE_TASKS)
+    executor = make_executor(mode, sys_path=[str(tmp_path), *sys.path])
+    executor._forkserver.modules = ["state_tasks"]
+    try:
+        for lines in (0, 5, 300):
+            outcome = await executor.execute(req("print_then_fail", lines))
+            assert (outcome.ok, outcome.error_type) == (False, "ValueError"), outcome
+            tail = data(outcome)["stderr_tail"]
+            assert tail.endswith("last words"), tail[-200:]
+            if lines:
+                assert f"line {lines - 1} " in tail
+    finally:
+        await executor.close()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from azolla.adapters.subprocess._forkclient import ChildProcess, ForkServerClient
-from azolla.adapters.subprocess._frames import KIND_ERROR_RETIRE, pack
+from azolla.adapters.subprocess._frames import KIND_ERROR_RETIRE, KIND_OK, pack
 from azolla.adapters.subprocess._outcomes import (
     ExitStatus,
     cancelled_outcome,
@@ -330,6 +330,8 @@ class ForkingExecutorBase:
         request = attempt.request
         if kind == FRAME and attempt.frame is not None:
             frame = attempt.frame
+            if not frame or frame[0] != KIND_OK:
+                child.drain_output()
             try:
                 outcome = outcome_from_frame(request, frame, child.tail)
             except (ValueError, TypeError, IndexError) as exc:

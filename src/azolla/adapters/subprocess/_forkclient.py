@@ -195,6 +195,16 @@ class ChildProcess:
                 self._result_ended()
                 break
             self._feed(data)
+        self.drain_output()
+
+    def drain_output(self) -> None:
+        """Read the output the worker already wrote into the tail.
+
+        A worker flushes its output before it writes a result frame, but the event loop may
+        see the frame first; call this before reporting a failure with the tail.
+        """
+        if self._closed:
+            return
         for _ in range(1024):
             try:
                 data = os.read(self.output_fd, _READ_CHUNK)

@@ -269,6 +269,7 @@ class PoolExecutor(ForkingExecutorBase):
             worker.child.kill()
             return
         if frame[0] != KIND_OK:
+            worker.child.drain_output()
             attempt.tail = worker.child.tail.snapshot()
         attempt.on_frame(frame)
         event = attempt.event
