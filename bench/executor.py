@@ -16,6 +16,8 @@ Reported per configuration:
   the fork server's own share (forking, reaping, its copy-on-write faults; the rest is spent
   in the children: start-up after ``fork()``, the task, exit);
 * with ``--latency``: one attempt at a time, p50/p99 of ``execute`` in microseconds;
+* process mode, ``faults``: minor page faults per attempt of the fork server and of its
+  children (copy-on-write copies, mostly; unlike CPU time they hardly depend on other load);
 * at the end, the fork floor: CPU of a bare ``fork()`` + ``_exit(0)`` from a process that
   imported what the fork server imports (``--fork-floor N``), i.e. what no process-mode attempt
   can go below on this machine.
@@ -46,7 +48,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,6 +76,8 @@ class Result:
     parent_cpu_us: float
     workers_cpu_us: float
     forkserver_cpu_us: float | None = None
+    forkserver_faults: float | None = None
+    child_faults: float | None = None
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
 
@@ -115,6 +119,28 @@ def make_executor(mode: str, workers: int) -> Executor:
     return ProcessExecutor([TASKS], sys_path=sys_path)
 
 
+def proc_faults(pid: int) -> tuple[int, int]:
+    """Minor page faults of ``pid`` and of its reaped children (copy-on-write faults, mostly)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0, 0
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[7]), int(fields[8])
+
+
+class Run(NamedTuple):
+    """One run of one configuration (CPU and faults per attempt)."""
+
+    rate: float
+    parent_us: float
+    workers_us: float
+    samples: list[float]
+    forkserver_us: float
+    forkserver_faults: float
+    child_faults: float
+
+
 def worker_cpu(executor: Executor) -> tuple[float, float]:
     """CPU seconds of the workers (process mode: fork server and children) and of the fork
     server alone (0 in pool mode)."""
@@ -143,13 +169,15 @@ async def drive(executor: Executor, batch: list[ExecutionRequest], concurrency: 
 
 async def measure_once(
     mode: str, workers: int, concurrency: int, attempts: int, latency: int
-) -> tuple[float, float, float, list[float], float]:
+) -> Run:
     executor = make_executor(mode, workers)
     await executor.start()
     try:
         await drive(executor, requests(min(500, attempts)), concurrency)  # warm up
         batch = requests(attempts)
+        fork_server = executor.fork_server_pid or 0
         cpu_parent, cpu_workers = self_cpu(), worker_cpu(executor)
+        faults = proc_faults(fork_server)
         started = time.perf_counter()
         failures = await drive(executor, batch, concurrency)
         wall = time.perf_counter() - started
@@ -157,6 +185,7 @@ async def measure_once(
         after = worker_cpu(executor)
         workers_cpu = after[0] - cpu_workers[0]
         forkserver_cpu = after[1] - cpu_workers[1]
+        faults_after = proc_faults(fork_server)
         if failures:
             raise RuntimeError(f"{failures} attempts failed")
         samples: list[float] = []
@@ -164,12 +193,14 @@ async def measure_once(
             t0 = time.perf_counter()
             await executor.execute(request)
             samples.append((time.perf_counter() - t0) * 1e6)
-        return (
+        return Run(
             attempts / wall,
             parent / attempts * 1e6,
             workers_cpu / attempts * 1e6,
             samples,
             forkserver_cpu / attempts * 1e6,
+            (faults_after[0] - faults[0]) / attempts,
+            (faults_after[1] - faults[1]) / attempts,
         )
     finally:
         await executor.close()
@@ -197,7 +228,7 @@ def measure(
     repeat: int,
     latency: int,
 ) -> Result:
-    runs: list[tuple[float, float, float, list[float], float]] = []
+    runs: list[Run] = []
     for _ in range(repeat):
         runs.append(
             run_with(
@@ -205,21 +236,23 @@ def measure(
                 lambda: measure_once(mode, workers, concurrency, attempts, latency),
             )
         )
-    best = max(runs, key=lambda r: r[0])
-    samples = [s for r in runs for s in r[3]]
+    best = max(runs, key=lambda r: r.rate)
+    samples = [s for r in runs for s in r.samples]
     return Result(
         mode=mode,
         loop=loop_name,
         workers=workers,
         concurrency=concurrency,
         attempts=attempts,
-        runs=[round(r[0]) for r in runs],
-        attempts_per_s=round(best[0]),
-        median_attempts_per_s=round(statistics.median(r[0] for r in runs)),
-        wall_us_per_attempt=round(1e6 / best[0], 1),
-        parent_cpu_us=round(best[1], 1),
-        workers_cpu_us=round(best[2], 1),
-        forkserver_cpu_us=round(best[4], 1) if mode == "process" else None,
+        runs=[round(r.rate) for r in runs],
+        attempts_per_s=round(best.rate),
+        median_attempts_per_s=round(statistics.median(r.rate for r in runs)),
+        wall_us_per_attempt=round(1e6 / best.rate, 1),
+        parent_cpu_us=round(best.parent_us, 1),
+        workers_cpu_us=round(best.workers_us, 1),
+        forkserver_cpu_us=round(best.forkserver_us, 1) if mode == "process" else None,
+        forkserver_faults=round(best.forkserver_faults) if mode == "process" else None,
+        child_faults=round(best.child_faults) if mode == "process" else None,
         latency_p50_us=round(percentile(samples, 50)) if samples else None,
         latency_p99_us=round(percentile(samples, 99)) if samples else None,
     )
@@ -300,7 +333,7 @@ def main() -> None:
     header = (
         f"{'mode':8} {'loop':8} {'workers':>7} {'conc':>5} {'attempts':>8} "
         f"{'att/s best':>10} {'median':>8} {'wall us':>8} {'parent us':>9} {'workers us':>10} "
-        f"{'of it fork server':>17} {'p50 us':>7} {'p99 us':>7}"
+        f"{'of it fork server':>17} {'p50 us':>7} {'p99 us':>7} {'faults: fs / child':>18}"
     )
     print(header)
     results: list[Result] = []
@@ -321,13 +354,19 @@ def main() -> None:
                         options.latency,
                     )
                     results.append(result)
+                    faults = (
+                        f"{result.forkserver_faults} / {result.child_faults}"
+                        if mode == "process"
+                        else "-"
+                    )
                     print(
                         f"{mode:8} {loop_name:8} {workers or '-':>7} {concurrency:>5} "
                         f"{attempts:>8} {result.attempts_per_s:>10} "
                         f"{result.median_attempts_per_s:>8} {result.wall_us_per_attempt:>8} "
                         f"{result.parent_cpu_us:>9} {result.workers_cpu_us:>10} "
                         f"{result.forkserver_cpu_us or '-':>17} "
-                        f"{result.latency_p50_us or '-':>7} {result.latency_p99_us or '-':>7}",
+                        f"{result.latency_p50_us or '-':>7} {result.latency_p99_us or '-':>7} "
+                        f"{faults:>18}",
                         flush=True,
                     )
     floor = fork_floor(options.fork_floor) if options.fork_floor else None
