@@ -3,14 +3,18 @@
 A :class:`GrpcConnector` opens a fresh ``grpc.aio`` channel and one
 ``ClusterService.Stream`` call per connection attempt (so the runtime's own bounded backoff,
 not gRPC's internal reconnect backoff of up to two minutes, decides when to try again) and
-wraps it in a :class:`StreamLink`. The runtime only sees the small :class:`Link` protocol, so
-tests can drive it with an in-memory link.
+wraps it in a :class:`StreamLink`. A channel costs the shepherd a few milliseconds of CPU, so
+while the orchestrator is down (the runtime then retries every few tens of milliseconds) each
+attempt first checks with a plain TCP connect that something listens, and fails at once if
+nothing does; the check is skipped when a proxy is configured. The runtime only sees the small
+:class:`Link` protocol, so tests can drive it with an in-memory link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,6 +44,10 @@ DEFAULT_ORCHESTRATOR_URL = f"http://127.0.0.1:{DEFAULT_ORCHESTRATOR_PORT}"
 
 #: Largest message accepted from the orchestrator (a batch of tasks can be big).
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+#: Environment variables through which gRPC reaches the orchestrator via a proxy.
+_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
+#: Longest wait for the TCP check before trying gRPC anyway.
+_PROBE_TIMEOUT = 1.0
 
 
 class ConnectionLost(Exception):
@@ -231,6 +239,13 @@ class StreamLink:
         await self._channel.close(grace=None)
 
 
+def _proxied(options: ConnectionOptions) -> bool:
+    """True when gRPC may reach the orchestrator through a proxy (a TCP check would mislead)."""
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
+        return True
+    return any(key == "grpc.http_proxy" for key, _ in options.channel_options)
+
+
 def _lost(exc: grpc.aio.AioRpcError) -> ConnectionLost:
     code = exc.code()
     name = code.name if code is not None else ""
@@ -247,6 +262,7 @@ class GrpcConnector:
     def __init__(self, options: ConnectionOptions) -> None:
         self.options = options
         self.address = parse_orchestrator_url(options.url)
+        self.probe = not _proxied(options)
 
     @property
     def description(self) -> str:
@@ -269,8 +285,35 @@ class GrpcConnector:
                                            options=channel_options)
         return grpc.aio.insecure_channel(self.address.target, options=channel_options)
 
+    async def _check_listening(self) -> None:
+        """Fail fast when nothing accepts TCP connections at the address.
+
+        Raises:
+            ConnectionLost: ``UNAVAILABLE``: the connection was refused or the host is
+                unreachable. A timeout is not a failure (gRPC gets its own try).
+        """
+        host, _, port = self.address.target.rpartition(":")
+        host = host.strip("[]")
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                _, writer = await asyncio.open_connection(host, int(port))
+        except TimeoutError:
+            return
+        except OSError as exc:
+            raise ConnectionLost(f"UNAVAILABLE: cannot connect to {self.address.target}: "
+                                 f"{exc.strerror or exc}", "UNAVAILABLE") from None
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
     async def open(self) -> Link:
-        """Open a channel and start a stream on it."""
+        """Open a channel and start a stream on it.
+
+        Raises:
+            ConnectionLost: Nothing listens at the orchestrator's address.
+        """
+        if self.probe:
+            await self._check_listening()
         metadata: list[tuple[str, str]] = []
         if self.options.token:
             metadata.append(("authorization", f"Bearer {self.options.token}"))
