@@ -209,12 +209,15 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
             _poll(health, 60, 0.01), _poll(first_rpc, 60, 0.01), _poll(first_dispatch, 60, 0.02))
 
         async def first_start() -> float | None:
+            # Only attempts dispatched by the restarted server: the shepherd may still start
+            # attempts it was given before the kill.
             rows = await conn.fetch(
-                "SELECT payload::text AS p FROM azolla_events WHERE position > $1"
-                " AND type = 'TaskSucceeded.v1'", pos_kill)
+                "SELECT s.payload::text AS p FROM azolla_events s JOIN azolla_events a"
+                " ON a.stream_id = s.stream_id AND a.type = $2 AND a.position > $1"
+                " AND (a.payload->>'attempt')::int = (s.payload->>'attempt')::int"
+                " WHERE s.position > $1 AND s.type = 'TaskSucceeded.v1'", pos_kill, TASK_STARTED)
             starts = [json.loads(json.loads(r["p"])["result"])[1] for r in rows]
-            after = [s for s in starts if s > t_kill]
-            return min(after) if after else None
+            return min(starts) if starts else None
 
         started = await _poll(first_start, 30, 0.1)
 
