@@ -80,6 +80,14 @@ async def shepherd(orch: Orchestrator, tasks: dict[str, Any], **kw: Any) -> InPr
     return s
 
 
+async def manual_shepherd(orch: Orchestrator, capacity: int) -> tuple[Any, InProcessTransport]:
+    """Connect a shepherd "s1" whose pushes the test reads and answers itself."""
+    transport = InProcessTransport("s1")
+    session = await orch.connect_shepherd(
+        ShepherdHello("s1", capacity=capacity, accepts_batches=True), transport)
+    return session, transport
+
+
 async def run_one(orch: Orchestrator, request: SubmitRequest) -> TaskOutcome:
     [result] = await orch.submit([request])
     outcome = await orch.wait(request.domain, result.task_id, 5)
@@ -238,9 +246,7 @@ async def test_other_domain_sees_not_found(orch: Orchestrator) -> None:
 
 
 async def test_stale_result_is_rejected_and_recorded(orch: Orchestrator) -> None:
-    transport = InProcessTransport("s1")
-    session = await orch.connect_shepherd(
-        ShepherdHello("s1", capacity=2, accepts_batches=True), transport)
+    session, transport = await manual_shepherd(orch, capacity=2)
     [r] = await orch.submit([SubmitRequest(name="t", policy=FAST_RETRY)])
     kind, [request] = await asyncio.wait_for(transport.inbox.get(), 5)
     assert kind == "tasks"
@@ -734,10 +740,7 @@ async def test_results_decided_on_a_failed_commit_are_undone_then_recorded_once(
     store = GatedStore(log)
     orch = Orchestrator(store, config=OrchestratorConfig(heartbeat_timeout=1000))
     await orch.start()
-    transport = InProcessTransport("s1")
-    session = await orch.connect_shepherd(
-        ShepherdHello(shepherd_uuid="s1", domain="default", group="default", capacity=4,
-                      accepts_batches=True), transport)
+    session, transport = await manual_shepherd(orch, capacity=4)
     await orch.submit([SubmitRequest(name="t", args=f"[{i}]") for i in range(4)])
     pushed: list[Any] = []
     while len(pushed) < 4:
@@ -825,10 +828,7 @@ async def test_direct_start_never_overtakes_waiting_tasks(log: InMemoryEventLog)
     store = GatedStore(log)
     orch = Orchestrator(store, config=OrchestratorConfig(heartbeat_timeout=1000))
     await orch.start()
-    transport = InProcessTransport("s1")
-    session = await orch.connect_shepherd(
-        ShepherdHello(shepherd_uuid="s1", domain="default", group="default", capacity=1,
-                      accepts_batches=True), transport)
+    session, transport = await manual_shepherd(orch, capacity=1)
     [r0] = await orch.submit([SubmitRequest(name="t", args="[0]")])
     _kind, [running] = await asyncio.wait_for(transport.inbox.get(), 5)
     assert running.task_id == str(r0.task_id)
