@@ -804,8 +804,9 @@ class Orchestrator:
         inflight = self._inflight
         if inflight is None:
             return True
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(inflight.append)
+        # asyncio.wait neither raises the append's error (handled below) nor swallows a
+        # cancellation of the decision loop itself.
+        await asyncio.wait({inflight.append})
         return await self._finish_inflight(then_fail)
 
     async def _finish_inflight(self, then_fail: _Batch | None = None) -> bool:

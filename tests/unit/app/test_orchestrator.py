@@ -916,3 +916,23 @@ async def test_a_batch_takes_no_more_commands_once_it_holds_enough_events(
     await asyncio.gather(*later)
     assert [len(types) for types in store.appends] == [1, 2, 1]
     await orch.stop()
+
+
+async def test_cancelling_the_loop_while_it_waits_for_a_commit_stops_it(
+        log: InMemoryEventLog) -> None:
+    store = GatedStore(log)
+    orch = Orchestrator(store)
+    await orch.start()
+    held = await _hold_next_append(orch, store, SubmitRequest(name="first"))
+    waiting = asyncio.ensure_future(orch.submit([SubmitRequest(name="second")]))
+    await asyncio.sleep(0.05)  # "second" is decided and waits for the held commit
+    loop_task = orch._loop_task
+    assert loop_task is not None
+    loop_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(loop_task, 2)
+    store.gate.set()
+    held.cancel()  # nothing answers them any more: the loop is gone
+    waiting.cancel()
+    orch._loop_task = None
+    await orch.stop()
