@@ -149,6 +149,9 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
     dsn = await _infra.fresh_database(server_dsn, "azolla_recovery")
     port = _infra.free_port()
     domain = "recovery"
+    # As from a pip install: the servers read azolla's .pyc instead of compiling its sources
+    # (bench_env does not pass PYTHONDONTWRITEBYTECODE on).
+    _infra.compile_bytecode()
     t_first_start = time.time()
     server, endpoint = _infra.start_server(dsn, log_dir, port, name="recovery-server")
     shepherd = None
