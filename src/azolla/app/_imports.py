@@ -1,9 +1,10 @@
 """Importing a library without the optional extras it would pull in (start-up time).
 
 Some libraries import optional packages at import time for features Azolla never uses:
-dependency-injector imports PyYAML for ``Configuration.from_yaml``, structlog imports rich and
-colorama to render console tracebacks. Each costs tens of milliseconds on every start of the
-server, i.e. on every restart before it serves again. :func:`without` hides such packages for
+dependency-injector imports PyYAML for ``Configuration.from_yaml`` and pydantic-settings for
+``Configuration.from_pydantic``, structlog imports rich and colorama to render console
+tracebacks. Each costs tens of milliseconds on every start of the server, i.e. on every
+restart before it serves again. :func:`without` hides such packages for
 the duration of one import (the library then takes its "not installed" branch); other code can
 still import them afterwards.
 """

@@ -38,7 +38,10 @@ import grpc.aio
 
 from azolla.app._imports import without
 
-with without("yaml"):  # dependency-injector's optional YAML support: ~30 ms at every start
+# dependency-injector imports PyYAML (~30 ms) and pydantic-settings (~30-60 ms) at every start
+# only for Configuration.from_yaml and Configuration.from_pydantic, which Azolla never calls
+# (without pydantic-settings it takes its "not installed" branch for from_pydantic alone).
+with without("yaml", "pydantic_settings"):
     from dependency_injector import containers, providers
 
 from azolla.adapters.grpc.auth import Principal, TokenAuthInterceptor, server_credentials

@@ -74,8 +74,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="log format (default auto: console on a terminal, else JSON)")
     add("--log-level", choices=("debug", "info", "warning", "error"),
         help="lowest level logged (default info)")
-    add("--version", action="version", version=f"%(prog)s {_version()}")
+    add("--version", action=_VersionAction)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up only when asked (reading the installed package's
+    metadata costs every start a few milliseconds otherwise)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{parser.prog} {_version()}", flush=True)  # on stdout, as argparse's own
+        parser.exit()
 
 
 def _version() -> str:

@@ -12,8 +12,8 @@ documents each setting.
 
 from __future__ import annotations
 
+import json
 import os
-import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,12 +28,6 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
 )
 
 from azolla.domain.values import SpecLimits
@@ -134,8 +128,17 @@ class AuthSettings(BaseModel):
     tokens: tuple[TokenSettings, ...] = ()
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """Validated settings of ``azolla-server``.
+
+    Building one (``Settings(**values)``) reads the environment too, as a pydantic-settings
+    ``BaseSettings`` would: ``values`` win over ``AZOLLA_<SETTING>`` variables (names in any
+    case; ``DATABASE_URL`` or ``AZOLLA_DATABASE_URL`` for the URL; JSON for ``auth`` and
+    ``domain_concurrency``), which win over the TOML file given to :func:`load_settings`
+    (tables are merged key by key); so does ``Settings.model_validate``. The sources are read
+    here rather than by pydantic-settings (``tests/unit/app/test_settings_sources.py`` checks
+    that both read the same) because importing that package costs every start of the server
+    tens of milliseconds before it serves.
 
     Attributes:
         host: Address the gRPC server listens on.
@@ -177,13 +180,7 @@ class Settings(BaseSettings):
             ``tls_client_ca_file``.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix="AZOLLA_",
-        case_sensitive=False,
-        extra="forbid",
-        populate_by_name=True,
-        validate_default=True,
-    )
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
@@ -279,20 +276,11 @@ class Settings(BaseSettings):
             raise ValueError("auth.tokens holds the same token twice")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init arguments) win over the environment, which wins over the TOML file."""
-        values = _FILE_VALUES.get()
-        if values is None:
-            return (init_settings, env_settings)
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, values))
+    def __init__(self, **values: Any) -> None:
+        """Validate ``values`` over the environment and the TOML file (see the class)."""
+        file_values = _FILE_VALUES.get()
+        super().__init__(**_merge(_by_field_name(file_values or {}), _environment(),
+                                  _by_field_name(values)))
 
     # -- derived values ------------------------------------------------------------------------
 
@@ -327,6 +315,75 @@ class Settings(BaseSettings):
     def limits(self) -> SpecLimits:
         """Bounds on submissions."""
         return SpecLimits(max_payload_bytes=self.max_payload_bytes)
+
+
+#: Prefix of the environment variables of the settings.
+_ENV_PREFIX = "AZOLLA_"
+#: Settings given as JSON in the environment (a table in the file).
+_JSON_SETTINGS = ("domain_concurrency", "auth")
+
+
+def _aliases(name: str) -> tuple[str, ...]:
+    """The names the setting ``name`` may be given by: its validation aliases, else itself."""
+    alias = Settings.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(str(choice) for choice in alias.choices)
+    return (name,)
+
+
+def _env_names(name: str) -> tuple[str, ...]:
+    """Lower-case names of the environment variables of setting ``name``, first one wins."""
+    if Settings.model_fields[name].validation_alias is not None:
+        return tuple(dict.fromkeys(a.lower() for a in _aliases(name)))  # no prefix
+    return ((_ENV_PREFIX + name).lower(),)
+
+
+def _by_field_name(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with aliases (``DATABASE_URL``, ...) renamed to the field name."""
+    renamed = dict(values)
+    for name in ("database_url",):
+        for alias in _aliases(name):
+            if alias != name and alias in renamed:
+                value = renamed.pop(alias)
+                renamed.setdefault(name, value)  # the field name wins, then the first alias
+    return renamed
+
+
+def _environment() -> dict[str, Any]:
+    """The settings found in the environment (variable names in any case)."""
+    env = {key.lower(): value for key, value in os.environ.items()}
+    found: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        for env_name in _env_names(name):
+            if env_name in env:
+                break
+        else:
+            continue
+        value: Any = env[env_name]
+        if name in _JSON_SETTINGS:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise SettingsError(
+                    f"invalid settings: {name}: the environment variable {env_name.upper()} "
+                    f"must be JSON (got {value[:80]!r})") from None
+            if name == "auth" and isinstance(value, dict):  # table keys in any case
+                keys = {key.lower(): key for key in AuthSettings.model_fields}
+                value = {keys.get(key.lower(), key): item for key, item in value.items()}
+        found[name] = value
+    return found
+
+
+def _merge(*sources: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``sources``: later ones win; tables (dicts) are merged key by key."""
+    merged: dict[str, Any] = {}
+    for source in sources:
+        for key, value in source.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                merged[key] = _merge(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -365,6 +422,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *,
         config_file = os.environ.get("AZOLLA_CONFIG") or None
     values: dict[str, Any] | None = None
     if config_file is not None:
+        import tomllib  # only with a file: not on every start
+
         path = Path(config_file).expanduser()
         try:
             with path.open("rb") as handle:

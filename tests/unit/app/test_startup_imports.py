@@ -56,7 +56,8 @@ def test_server_start_path_skips_optional_heavy_imports() -> None:
     loaded = set(json.loads(out))
     assert "structlog" in loaded  # the test is real
     assert "dependency_injector" in loaded
-    assert loaded.isdisjoint({"rich", "colorama", "yaml", "prometheus_client"}), loaded
+    assert loaded.isdisjoint({"rich", "colorama", "yaml", "prometheus_client",
+                              "pydantic_settings"}), loaded
 
 
 def test_main_turns_garbage_collection_back_on_when_it_does_not_serve() -> None:
@@ -80,3 +81,21 @@ def test_garbage_collection_resumes_with_the_start_up_objects_frozen() -> None:
         gc.unfreeze()
         gc.enable()
         gc.set_threshold(*thresholds)
+
+
+def test_the_version_is_looked_up_only_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[str] = []
+
+    def version() -> str:
+        calls.append("version")
+        return "9.8.7"
+
+    monkeypatch.setattr(server_main, "_version", version)
+    server_main.build_parser().parse_args(["--port", "1"])
+    assert calls == []
+    with pytest.raises(SystemExit) as exit_info:
+        server_main.build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == "azolla-server 9.8.7\n"
+    assert calls == ["version"]
