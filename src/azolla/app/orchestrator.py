@@ -74,7 +74,10 @@ from azolla.domain.values import (
     check_json_array,
     check_json_object,
     check_name,
+    parse_uuid,
     shepherd_stream_id,
+    uuid_from_int,
+    uuid_text,
 )
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "ShepherdSession"]
@@ -151,7 +154,7 @@ class RandomIds:
         millis = time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF
         rand = int.from_bytes(self._pool[self._offset:self._offset + 10], "big")
         self._offset += 10
-        return UUID(int=(millis << 80 | rand) & _V7_KEEP | _V7_SET)
+        return uuid_from_int((millis << 80 | rand) & _V7_KEEP | _V7_SET)
 
     def random(self) -> float:
         """Return a uniform sample from [0, 1)."""
@@ -1073,7 +1076,7 @@ class Orchestrator:
     async def _decide_one_result(self, session: ShepherdSession, reported: ReportedOutcome,
                                  batch: _Batch, now: float) -> None:
         try:
-            task_id = UUID(reported.task_id)
+            task_id = parse_uuid(reported.task_id)
         except ValueError:
             log.warning("result for malformed task id %r ignored", reported.task_id)
             return
@@ -1420,7 +1423,7 @@ class Orchestrator:
             lease_deadline=lease, domain=task.domain, partition_day=task.partition_day,
             now=now)
         self._attempts[attempt.id] = attempt
-        task_text = str(task_id)
+        task_text = uuid_text(task_id)
         shepherd.reserve(task_text, number)
         batch.reservations.append((shepherd, task_text, number))
         batch.touched_tasks.add(task_id)

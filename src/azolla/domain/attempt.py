@@ -22,6 +22,7 @@ from azolla.domain.values import (
     ErrorInfo,
     attempt_stream_id,
     event_time,
+    uuid_text,
 )
 
 __all__ = ["Attempt", "ensure_live"]
@@ -144,7 +145,7 @@ class Attempt(AzollaAggregate):
             cls.Assigned,
             id=attempt_stream_id(task_id, number),
             timestamp=event_time(now),
-            task_id=str(task_id),
+            task_id=uuid_text(task_id),
             number=number,
             shepherd_id=shepherd_id,
             lease_deadline=lease_deadline,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
+from hashlib import sha1
 from typing import Any
-from uuid import UUID, uuid5
+from uuid import UUID, SafeUUID, uuid5
 
 from azolla.domain.errors import InvalidTaskSpec
 
@@ -26,8 +28,11 @@ __all__ = [
     "check_json_object",
     "check_name",
     "event_time",
+    "parse_uuid",
     "partition_day",
     "shepherd_stream_id",
+    "uuid_from_int",
+    "uuid_text",
 ]
 
 DEFAULT_DOMAIN = "default"
@@ -128,10 +133,62 @@ def partition_day(timestamp: float) -> int:
     return int(timestamp // SECONDS_PER_DAY)
 
 
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+_UNKNOWN_SAFETY = SafeUUID.unknown
+
+
+def uuid_from_int(value: int) -> UUID:
+    """Return ``UUID(int=value)`` for a ``value`` known to fit in 128 bits, without the checks.
+
+    ``UUID.__init__`` validates its arguments in Python and costs about as much as the rest of
+    making a task id; the result here is an ordinary, equal :class:`~uuid.UUID`.
+    """
+    made: UUID = _new_object(UUID)
+    _set_attribute(made, "int", value)
+    _set_attribute(made, "is_safe", _UNKNOWN_SAFETY)
+    return made
+
+
+_CANONICAL_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def parse_uuid(text: str) -> UUID:
+    """Return ``UUID(text)``; the canonical 36-character form skips ``UUID.__init__``.
+
+    Task ids come back from shepherds and the log in the canonical form (``str(uuid)``);
+    every other form :class:`~uuid.UUID` accepts goes through it (and so do its errors).
+
+    Raises:
+        ValueError: ``text`` is not a UUID.
+    """
+    if _CANONICAL_UUID.fullmatch(text) is not None:
+        return uuid_from_int(int(text.replace("-", ""), 16))
+    return UUID(text)
+
+
+_ATTEMPT_NAMESPACE_BYTES = _ATTEMPT_NAMESPACE.bytes
+_V5_KEEP = ((1 << 128) - 1) & ~(0xF << 76 | 0x3 << 62)
+_V5_SET = 0x5 << 76 | 0x2 << 62
+
+
+def uuid_text(value: UUID) -> str:
+    """Return ``str(value)`` (the canonical form) without the Python-level ``UUID.__str__``."""
+    h = f"{value.int:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 @lru_cache(maxsize=65_536)
 def attempt_stream_id(task_id: UUID, number: int) -> UUID:
-    """Return the deterministic stream id of attempt ``number`` of ``task_id``."""
-    return uuid5(_ATTEMPT_NAMESPACE, f"{task_id}/{number}")
+    """Return the deterministic stream id of attempt ``number`` of ``task_id``.
+
+    It is ``uuid5(namespace, f"{task_id}/{number}")``, computed without the Python-level
+    ``UUID.__str__`` and ``UUID.__init__`` (every attempt needs it on the dispatch path).
+    """
+    name = f"{uuid_text(task_id)}/{number}"
+    digest = sha1(_ATTEMPT_NAMESPACE_BYTES + name.encode()).digest()
+    return uuid_from_int(int.from_bytes(digest[:16], "big") & _V5_KEEP | _V5_SET)
 
 
 def shepherd_stream_id(shepherd_uuid: str) -> UUID:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import pickle
 from uuid import UUID, uuid5
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from azolla.domain.errors import InvalidTaskSpec
 from azolla.domain.values import (
@@ -22,8 +25,11 @@ from azolla.domain.values import (
     check_json_array,
     check_json_object,
     check_name,
+    parse_uuid,
     partition_day,
     shepherd_stream_id,
+    uuid_from_int,
+    uuid_text,
 )
 
 LIMITS = SpecLimits()
@@ -247,6 +253,39 @@ def test_attempt_stream_ids_are_deterministic_and_distinct() -> None:
     assert attempt_stream_id(task, 1) == uuid5(ns, f"{task}/1")
     assert attempt_stream_id(task, 1) != attempt_stream_id(task, 2)
     assert attempt_stream_id(task, 1) != task
+
+
+_ATTEMPT_NS = UUID("6f1f0e2a-5d0b-4c1e-9a53-1b7b7d9e4a01")
+uuids = st.integers(min_value=0, max_value=(1 << 128) - 1).map(lambda i: UUID(int=i))
+
+
+@given(uuids, st.integers(min_value=1, max_value=10**9))
+def test_fast_attempt_stream_id_equals_uuid5(task: UUID, number: int) -> None:
+    # The fast path must keep naming the streams already in the log.
+    made = attempt_stream_id.__wrapped__(task, number)
+    expected = uuid5(_ATTEMPT_NS, f"{task}/{number}")
+    assert made == expected
+    assert (made.version, made.variant, str(made), hash(made)) == (
+        5, expected.variant, str(expected), hash(expected))
+
+
+@given(uuids)
+def test_uuid_helpers_agree_with_the_uuid_module(value: UUID) -> None:
+    made = uuid_from_int(value.int)
+    assert made == value and hash(made) == hash(value) and str(made) == str(value)
+    assert pickle.loads(pickle.dumps(made)) == value
+    assert uuid_text(value) == str(value)
+    for text in (str(value), str(value).upper(), value.hex, "{" + str(value) + "}"):
+        assert parse_uuid(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "not-a-uuid", "0" * 36, "g" + "0" * 7 + "-0000-0000-0000-"
+                                  + "0" * 12, "0" * 8 + "-0000-0000-0000-" + "0" * 13])
+def test_parse_uuid_rejects_what_uuid_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        UUID(text)
+    with pytest.raises(ValueError):
+        parse_uuid(text)
 
 
 def test_shepherd_stream_id() -> None:

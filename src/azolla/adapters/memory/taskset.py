@@ -24,6 +24,7 @@ from azolla.domain.values import (
     AttemptState,
     TaskState,
     attempt_stream_id,
+    parse_uuid,
 )
 
 __all__ = ["AttemptRecord", "TaskRecord", "TaskSet"]
@@ -210,7 +211,7 @@ class TaskSet:
 
     def _on_attempt_assigned(self, position: int, sid: UUID, version: int,
                              p: dict[str, Any]) -> None:
-        task_id = UUID(p["task_id"])
+        task_id = parse_uuid(p["task_id"])
         self.attempt_task[sid] = (task_id, p["number"])
         found = self._attempt(sid)
         if found is None:
