@@ -39,7 +39,7 @@ from azolla.domain.errors import (
     UnsafeDatabaseSettings,
 )
 from azolla.domain.ports import EventStore, NewEvent
-from azolla.testing.event_store_contract import EventStoreContract, StoreFactory, new_event
+from azolla.testing.event_store_contract import DAY, EventStoreContract, StoreFactory, new_event
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
 
@@ -96,6 +96,34 @@ async def opened(url: str, **options: Any) -> AsyncIterator[PostgresEventStore]:
 
 def _event(version: int = 1, stream: uuid.UUID | None = None, **kwargs: Any) -> list[NewEvent]:
     return [new_event(stream or uuid.uuid4(), version, **kwargs)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The batch insert's encodings
+
+
+@pytest.mark.parametrize("odd", ["a\x1fb", "", "\x1f"], ids=["separator", "empty", "only-sep"])
+async def test_batches_round_trip_every_field_whatever_the_texts(
+        fresh_database_url: str, odd: str) -> None:
+    """A batch is sent packed (texts joined by a separator, numbers and flags as text) unless a
+    domain or type name would not split back; either way every field lands as given."""
+    plain = [new_event(uuid.uuid4(), v, type=f"T{v}.v1", domain=f"d{v % 3}",
+                       partition_day=DAY - v, terminal=v % 2 == 0,
+                       payload=f'{{"n": {v}}}') for v in range(1, 7)]
+    strange = [new_event(uuid.uuid4(), 3, type=odd or "X.v1", domain=odd, terminal=True,
+                         payload='{"s": "\\u001f"}'), *plain[:2]]
+    strange[1:] = [new_event(uuid.uuid4(), e.version, type=e.type, domain=e.domain,
+                             partition_day=e.partition_day, terminal=e.terminal,
+                             payload=e.payload) for e in strange[1:]]
+    async with opened(fresh_database_url) as store:
+        positions = await store.append(plain) + await store.append(strange)
+        stored = await store.read_all(0, 100)
+    assert [e.position for e in stored] == positions
+    for given, got in zip([*plain, *strange], stored, strict=True):
+        assert (got.stream_id, got.version, got.type, got.payload, got.domain,
+                got.partition_day, got.terminal) == (
+            given.stream_id, given.version, given.type, given.payload, given.domain,
+            given.partition_day, given.terminal)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from azolla.domain.ports import (
     ShepherdTransport,
     StoredEvent,
 )
-from azolla.domain.retry import RetryPolicy
+from azolla.domain.retry import DEFAULT_POLICY
 from azolla.domain.shepherd import Shepherd, ShepherdState
 from azolla.domain.task import TIMEOUT_ERROR, Task
 from azolla.domain.values import (
@@ -1046,7 +1046,7 @@ class Orchestrator:
             task = Task.submit(
                 task_id=task_id, name=request.name, args=request.args, kwargs=request.kwargs,
                 now=now, domain=request.domain, group=request.group,
-                policy=request.policy or RetryPolicy(), idempotency_key=request.idempotency_key,
+                policy=request.policy or DEFAULT_POLICY, idempotency_key=request.idempotency_key,
                 priority=request.priority, not_before=request.not_before,
                 timeout=request.timeout,
             )

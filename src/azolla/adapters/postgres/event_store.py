@@ -12,7 +12,8 @@ How an append travels:
 
        WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(K)),
             ins AS (INSERT INTO azolla_events (...)
-                    SELECT ... FROM lock, unnest($1::text[], $2::uuid[], ...) RETURNING position)
+                    SELECT ... FROM lock, unnest(string_to_array($1::text, ...), $2::uuid[], ...)
+                    RETURNING position)
        SELECT array_agg(position), pg_notify('azolla_events', max(position)::text) FROM ins
 
    The advisory lock is taken before any position is drawn and released after the commit is
@@ -97,24 +98,49 @@ WHERE i.inhparent = 'azolla_events'::regclass
 _SERVER_SETTINGS = {"application_name": "azolla-event-store", "jit": "off"}
 
 
-def _insert_sql(lock: bool, notify: bool) -> str:
+#: Separates the domains and the type names packed into one text parameter (ASCII unit
+#: separator; a batch where one of them contains it, or is empty, goes as arrays instead).
+_SEP = "\x1f"
+
+
+def _insert_sql(lock: bool, notify: bool, packed: bool = True) -> str:
+    """The batch insert. ``packed``: the domains, type names, versions, partition days and
+    terminal flags travel as one text parameter each, not as arrays: asyncpg checks every
+    array element against three ``collections.abc`` classes in Python, which made encoding an
+    event ~40 % dearer; only the stream ids and payloads stay arrays."""
     lock_cte = (
         f"lock AS MATERIALIZED (SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}) AS locked), "
         if lock
         else ""
     )
     notify_col = f", pg_notify('{NOTIFY_CHANNEL}', max(position)::text)" if notify else ""
+    if packed:
+        columns = ("u.domain, u.stream_id, u.version::int4, u.type, u.payload::json, "
+                   "u.partition_day::int4, substr($7::text, u.o::int4, 1) = 't'")
+        source = ("unnest(string_to_array($1::text, E'\\x1f'), $2::uuid[], "
+                  "string_to_array($3::text, ','), string_to_array($4::text, E'\\x1f'), "
+                  "$5::text[], string_to_array($6::text, ',')) WITH ORDINALITY "
+                  "AS u(domain, stream_id, version, type, payload, partition_day, o)")
+    else:
+        columns = ("u.domain, u.stream_id, u.version, u.type, u.payload::json, "
+                   "u.partition_day, u.terminal")
+        source = ("unnest($1::text[], $2::uuid[], $3::int4[], $4::text[], $5::text[], "
+                  "$6::int4[], $7::bool[]) "
+                  "AS u(domain, stream_id, version, type, payload, partition_day, terminal)")
     return f"""
 WITH {lock_cte}ins AS (
     INSERT INTO azolla_events (domain, stream_id, version, type, payload, partition_day, terminal)
-    SELECT u.domain, u.stream_id, u.version, u.type, u.payload::json, u.partition_day, u.terminal
-    FROM {"lock, " if lock else ""}unnest($1::text[], $2::uuid[], $3::int4[], $4::text[],
-                $5::text[], $6::int4[], $7::bool[])
-         AS u(domain, stream_id, version, type, payload, partition_day, terminal)
+    SELECT {columns}
+    FROM {"lock, " if lock else ""}{source}
     RETURNING position
 )
 SELECT array_agg(position){notify_col} FROM ins
 """
+
+
+def _packable(texts: list[str], packed: str) -> bool:
+    """True when ``packed`` (``texts`` joined by :data:`_SEP`) splits back into ``texts``."""
+    return packed.count(_SEP) == len(texts) - 1 and "" not in texts
 
 
 _Pending = tuple[Sequence[NewEvent], "asyncio.Future[list[int]]"]
@@ -126,11 +152,12 @@ class _Lane:
     ``pipeline_depth`` lanes: while one batch commits, the next one is sent on another lane and
     waits for the append lock, so Python work overlaps the database's."""
 
-    __slots__ = ("busy", "conn", "insert", "pid")
+    __slots__ = ("busy", "conn", "insert", "insert_arrays", "pid")
 
     def __init__(self) -> None:
         self.conn: Any = None
         self.insert: Any = None
+        self.insert_arrays: Any = None
         self.pid = 0
         self.busy = False
 
@@ -211,6 +238,7 @@ class PostgresEventStore:
         self._dsn = dsn
         self._opts = options
         self._insert_sql = _insert_sql(options.lock, options.notify)
+        self._insert_arrays_sql = _insert_sql(options.lock, options.notify, packed=False)
         self._queue: deque[_Pending] = deque()
         self._queue_limit = options.queue_limit
         self._loop: asyncio.AbstractEventLoop  # set by _start
@@ -406,6 +434,7 @@ class PostgresEventStore:
                     self._ahead_checked_day = -1
                     await self._ensure_days(conn, {self._today(), self._today() + 7})
                 lane.insert = await conn.prepare(self._insert_sql)
+                lane.insert_arrays = await conn.prepare(self._insert_arrays_sql)
                 conn.add_termination_listener(self._on_writer_terminated)
             except BaseException:
                 conn.terminate()
@@ -478,7 +507,7 @@ class PostgresEventStore:
         self._fail_queued(StoreUnavailable("event store is closed"))
         for lane in self._lanes:
             if lane.conn is not None:
-                conn, lane.conn, lane.insert = lane.conn, None, None
+                conn, lane.conn, lane.insert, lane.insert_arrays = lane.conn, None, None, None
                 try:
                     await asyncio.wait_for(conn.close(), 2.0)
                 except BaseException:
@@ -700,16 +729,32 @@ class PostgresEventStore:
                 await self._ensure_days(conn, needed)
             self._ahead_checked_day = today
             sent = True
-            row = await lane.insert.fetchrow(
-                [e.domain for e in events],
-                [e.stream_id for e in events],
-                [e.version for e in events],
-                [e.type for e in events],
-                [e.payload for e in events],
-                days,
-                [e.terminal for e in events],
-                timeout=self._opts.commit_timeout,
-            )
+            domains = [e.domain for e in events]
+            types = [e.type for e in events]
+            packed_domains = _SEP.join(domains)
+            packed_types = _SEP.join(types)
+            if _packable(domains, packed_domains) and _packable(types, packed_types):
+                row = await lane.insert.fetchrow(
+                    packed_domains,
+                    [e.stream_id for e in events],
+                    ",".join(map(str, [e.version for e in events])),
+                    packed_types,
+                    [e.payload for e in events],
+                    ",".join(map(str, days)),
+                    "".join(["t" if e.terminal else "f" for e in events]),
+                    timeout=self._opts.commit_timeout,
+                )
+            else:
+                row = await lane.insert_arrays.fetchrow(
+                    domains,
+                    [e.stream_id for e in events],
+                    [e.version for e in events],
+                    types,
+                    [e.payload for e in events],
+                    days,
+                    [e.terminal for e in events],
+                    timeout=self._opts.commit_timeout,
+                )
         except asyncpg.UniqueViolationError:
             await self._resolve_conflicts(batch, lane)
             return
@@ -865,7 +910,7 @@ class PostgresEventStore:
     def _lose_lane(self, lane: _Lane, reason: str) -> None:
         """Mark the store unavailable, drop the lane's connection, fail what is queued."""
         if lane.conn is not None:
-            conn, lane.conn, lane.insert = lane.conn, None, None
+            conn, lane.conn, lane.insert, lane.insert_arrays = lane.conn, None, None, None
             self._own_pids.discard(lane.pid)
             conn.terminate()
         self._unavailable = f"database connection lost: {reason}"
