@@ -16,11 +16,15 @@ Reported per configuration:
   the fork server's own share (forking, reaping, its copy-on-write faults; the rest is spent
   in the children: start-up after ``fork()``, the task, exit);
 * with ``--latency``: one attempt at a time, p50/p99 of ``execute`` in microseconds;
+* ``cpu us/att``: the two together, all the CPU an attempt costs (on a shared host, compare
+  this, not attempts/s);
 * process mode, ``faults``: minor page faults per attempt of the fork server and of its
   children (copy-on-write copies, mostly; unlike CPU time they hardly depend on other load);
+  and ``fork``: how the fork server forks (``libc``: without the Python-level at-fork hooks,
+  ``os.fork``: with them; ``+warm``: its warm-up ran the worker's attempt path);
 * at the end, the fork floor: CPU of a bare ``fork()`` + ``_exit(0)`` from a process that
-  imported what the fork server imports (``--fork-floor N``), i.e. what no process-mode attempt
-  can go below on this machine.
+  imported what the fork server imports (``--fork-floor N``), with ``os.fork()`` and with libc's
+  ``fork()``, i.e. what no process-mode attempt can go below on this machine.
 
 Usage::
 
@@ -80,6 +84,8 @@ class Result:
     child_faults: float | None = None
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
+    fork: str | None = None
+    cpu_us_per_attempt_runs: list[float] | None = None
 
 
 def proc_cpu(pid: int, *, children: bool = False) -> float:
@@ -139,6 +145,7 @@ class Run(NamedTuple):
     forkserver_us: float
     forkserver_faults: float
     child_faults: float
+    fork: str
 
 
 def worker_cpu(executor: Executor) -> tuple[float, float]:
@@ -193,6 +200,7 @@ async def measure_once(
             t0 = time.perf_counter()
             await executor.execute(request)
             samples.append((time.perf_counter() - t0) * 1e6)
+        fork = executor.fork_method if isinstance(executor, ProcessExecutor) else ""
         return Run(
             attempts / wall,
             parent / attempts * 1e6,
@@ -201,6 +209,7 @@ async def measure_once(
             forkserver_cpu / attempts * 1e6,
             (faults_after[0] - faults[0]) / attempts,
             (faults_after[1] - faults[1]) / attempts,
+            fork,
         )
     finally:
         await executor.close()
@@ -255,6 +264,8 @@ def measure(
         child_faults=round(best.child_faults) if mode == "process" else None,
         latency_p50_us=round(percentile(samples, 50)) if samples else None,
         latency_p99_us=round(percentile(samples, 99)) if samples else None,
+        fork=best.fork or None,
+        cpu_us_per_attempt_runs=[round(r.parent_us + r.workers_us, 1) for r in runs],
     )
 
 
@@ -280,16 +291,21 @@ def cpu(who):
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
-before = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
-for _ in range(count):
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-parent = (cpu(resource.RUSAGE_SELF) - before[0]) / count * 1e6
-child = (cpu(resource.RUSAGE_CHILDREN) - before[1]) / count * 1e6
+def floor(fork):
+    before = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+    for _ in range(count):
+        pid = fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    parent = (cpu(resource.RUSAGE_SELF) - before[0]) / count * 1e6
+    child = (cpu(resource.RUSAGE_CHILDREN) - before[1]) / count * 1e6
+    return f"{{parent:.0f}} {{child:.0f}}"
+
+import ctypes
+libc_fork = ctypes.PyDLL(None).fork
 rss = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS")][0]
-print(f"{{parent:.0f}} {{child:.0f}} {{rss}}")
+print(floor(os.fork), floor(libc_fork), rss)
 """
 
 
@@ -298,13 +314,20 @@ def fork_floor(count: int) -> dict[str, float]:
 
     The floor under any process-mode attempt: the parent's share is the fork itself (copying
     page tables), the child's share is CPython's after-fork work (its at-fork hooks) and the
-    exit (unmapping everything).
+    exit (unmapping everything). Measured with ``os.fork()`` and with libc's ``fork()`` (no
+    Python-level at-fork hooks, as the fork server forks when it can).
     """
     code = _FORK_FLOOR.format(root=str(ROOT), src=str(ROOT / "src"), count=count)
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout.split()
-    return {"parent_us": float(out[0]), "child_us": float(out[1]), "rss_kb": float(out[2])}
+    return {
+        "parent_us": float(out[0]),
+        "child_us": float(out[1]),
+        "libc_parent_us": float(out[2]),
+        "libc_child_us": float(out[3]),
+        "rss_kb": float(out[4]),
+    }
 
 
 def main() -> None:
@@ -333,7 +356,8 @@ def main() -> None:
     header = (
         f"{'mode':8} {'loop':8} {'workers':>7} {'conc':>5} {'attempts':>8} "
         f"{'att/s best':>10} {'median':>8} {'wall us':>8} {'parent us':>9} {'workers us':>10} "
-        f"{'of it fork server':>17} {'p50 us':>7} {'p99 us':>7} {'faults: fs / child':>18}"
+        f"{'of it fork server':>17} {'cpu us/att':>10} {'p50 us':>7} {'p99 us':>7} "
+        f"{'faults: fs / child':>18} {'fork':>12}"
     )
     print(header)
     results: list[Result] = []
@@ -365,16 +389,18 @@ def main() -> None:
                         f"{result.median_attempts_per_s:>8} {result.wall_us_per_attempt:>8} "
                         f"{result.parent_cpu_us:>9} {result.workers_cpu_us:>10} "
                         f"{result.forkserver_cpu_us or '-':>17} "
+                        f"{round(result.parent_cpu_us + result.workers_cpu_us):>10} "
                         f"{result.latency_p50_us or '-':>7} {result.latency_p99_us or '-':>7} "
-                        f"{faults:>18}",
+                        f"{faults:>18} {result.fork or '-':>12}",
                         flush=True,
                     )
     floor = fork_floor(options.fork_floor) if options.fork_floor else None
     if floor is not None:
         print(
             f"fork floor (fork + _exit of a {floor['rss_kb'] / 1024:.0f} MB process, "
-            f"{options.fork_floor} times): parent {floor['parent_us']:.0f} us, "
-            f"child {floor['child_us']:.0f} us per fork"
+            f"{options.fork_floor} times): os.fork(): parent {floor['parent_us']:.0f} us, "
+            f"child {floor['child_us']:.0f} us per fork; libc fork(): parent "
+            f"{floor['libc_parent_us']:.0f} us, child {floor['libc_child_us']:.0f} us"
         )
     after = machine()
     print(f"load average after: {after['load_average']}")

@@ -24,7 +24,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 def make(**options: Any) -> ProcessExecutor:
     modules = options.pop("modules", ["tasks_basic"])
-    return ProcessExecutor(modules, sys_path=[str(FIXTURES), *sys.path], kill_grace=0.5, **options)
+    sys_path = [*options.pop("extra_path", []), str(FIXTURES), *sys.path]
+    return ProcessExecutor(modules, sys_path=sys_path, kill_grace=0.5, **options)
 
 
 def req(name: str, *args: Any, **fields: Any) -> ExecutionRequest:
@@ -175,5 +176,104 @@ async def test_a_caller_that_stops_waiting_kills_the_attempt(tmp_path: Path) -> 
             await running
         assert await wait_gone(victim)
         assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+    finally:
+        await executor.close()
+
+
+# -- how workers are forked --------------------------------------------------------------------
+
+FORK_STATE_TASKS = """
+import logging, os, random, sys, threading
+
+from azolla.tasks import azolla_task
+
+RAN_IN = []  # pids of the processes the task ran in (the fork server's warm-up must not run it)
+HOOK_RAN = False
+{extra}
+
+
+@azolla_task
+def fork_state(marker: str) -> dict:
+    RAN_IN.append(os.getpid())
+    with open(marker, "a") as fh:
+        fh.write(f"{{os.getpid()}}\\n")
+    logging.getLogger("fork_state").warning("logging works")
+    results = []
+    thread = threading.Thread(target=lambda: results.append(threading.get_ident()))
+    thread.start()
+    thread.join(10)
+    return {{
+        "pid": os.getpid(),
+        "ran_in": RAN_IN,
+        "hook_ran": HOOK_RAN,
+        "threads": threading.active_count(),
+        "main_is_current": threading.main_thread() is threading.current_thread(),
+        "thread_ran": len(results) == 1 and results[0] != threading.get_ident(),
+        "random": random.random(),
+    }}
+"""
+
+HOOK_MODULE = """
+def _mark():
+    global HOOK_RAN
+    HOOK_RAN = True
+
+os.register_at_fork(after_in_child=_mark)
+"""
+
+THREAD_MODULE = """
+_stop = threading.Event()
+threading.Thread(target=_stop.wait, daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "raw"),
+    [("", True), (HOOK_MODULE, False), (THREAD_MODULE, False)],
+    ids=["plain", "own-at-fork-hook", "thread-at-import"],
+)
+async def test_how_workers_are_forked(extra: str, raw: bool, tmp_path: Path) -> None:
+    """libc fork() only when os.fork()'s Python hooks have nothing to do; the child is sound."""
+    (tmp_path / "fork_state_tasks.py").write_text(FORK_STATE_TASKS.format(extra=extra))
+    marker = tmp_path / "ran"
+    executor = make(modules=["fork_state_tasks"], extra_path=[str(tmp_path)])
+    try:
+        await executor.start()
+        client = executor._forkserver
+        assert client.raw_fork is raw, client.raw_fork_off
+        assert client.warmed_up  # the worker's own attempt path ran in the fork server
+        if extra == HOOK_MODULE:
+            assert "at-fork hook" in client.raw_fork_off
+        elif extra == THREAD_MODULE:
+            assert "more than one thread" in client.raw_fork_off
+        assert read_marker(marker) == ""  # the warm-up never runs the module's tasks
+        outcomes = [await executor.execute(req("fork_state", str(marker))) for _ in range(3)]
+    finally:
+        await executor.close()
+    states = [orjson.loads(outcome.value_json) for outcome in outcomes]
+    assert [int(line) for line in read_marker(marker).split()] == [s["pid"] for s in states]
+    assert len({s["pid"] for s in states}) == 3
+    assert len({s["random"] for s in states}) == 3  # reseeded in every worker
+    for state in states:
+        assert state["ran_in"] == [state["pid"]]
+        assert state["hook_ran"] is (extra == HOOK_MODULE)
+        assert state["threads"] == 1
+        assert state["main_is_current"] is True
+        assert state["thread_ran"] is True
+
+
+async def test_a_worker_that_fails_right_after_the_fork_does_not_harm_the_fork_server() -> None:
+    """Many short workers, some crashing, then the fork server still forks sound workers."""
+    executor = make()
+    try:
+        await executor.start()
+        first = executor.fork_server_pid
+        crashes = [executor.execute(req("segfault")) for _ in range(5)]
+        adds = [executor.execute(req("add", i, 1)) for i in range(20)]
+        outcomes = await asyncio.gather(*crashes, *adds)
+        assert all(o.error_type == "WorkerCrashed" for o in outcomes[:5])
+        assert [o.value_json for o in outcomes[5:]] == [str(i + 1) for i in range(20)]
+        assert executor.fork_server_pid == first
+        assert executor.fork_server_starts == 1
     finally:
         await executor.close()

@@ -232,13 +232,26 @@ class ChildProcess:
             signal_group(self.pid, sig)
 
     async def wait_exit(self, timeout: float) -> ExitStatus | None:
-        """Wait for the exit status; None on timeout."""
-        if self.exited.done():
-            return self.exited.result()
+        """Wait for the exit status; None on timeout (cancelling the wait leaves it alone)."""
+        exited = self.exited
+        if exited.done():
+            return exited.result()
+        # A future and a timer: a third of the cost of wait_for(shield(...)), which runs after
+        # every process-mode attempt (the worker exits just after its result arrives).
+        waiter = self.loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = self.loop.call_later(timeout, wake)
+        exited.add_done_callback(wake)
         try:
-            return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-        except TimeoutError:
-            return None
+            await waiter
+        finally:
+            timer.cancel()
+            exited.remove_done_callback(wake)
+        return exited.result() if exited.done() else None
 
     async def terminate(self, grace: float, *, kill_wait: float = 5.0) -> ExitStatus:
         """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL; return the status."""
@@ -315,6 +328,11 @@ class ForkServerClient:
         self.tail_lines = tail_lines
         self.task_names: list[str] = []
         self.starts = 0
+        #: Whether the running fork server forks without the Python-level at-fork hooks, why
+        #: not, and whether its warm-up ran the worker's whole attempt path (see _forkserver).
+        self.raw_fork = False
+        self.raw_fork_off = ""
+        self.warmed_up = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
@@ -415,6 +433,9 @@ class ForkServerClient:
                 ) from None
             raise
         self.task_names = list(ready.get("tasks", []))
+        self.raw_fork = bool(ready.get("raw_fork"))
+        self.raw_fork_off = str(ready.get("raw_fork_off", ""))
+        self.warmed_up = bool(ready.get("warmed_up"))
         self.starts += 1
         self._alive = True
 

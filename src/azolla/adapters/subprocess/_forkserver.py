@@ -27,12 +27,31 @@ kills every worker and exits.
 Every fork makes the fork server's own memory copy-on-write again, so its loop between forks
 does little Python work: ``poll`` instead of ``selectors``, orphans scanned once per batch of exits
 with one ``pread``.
+
+What a worker costs is mostly the pages it writes to (each is copied for it, a few microseconds on
+a VM), so two things are done once in the fork server instead of in every worker:
+
+* **No Python-level at-fork hooks when they have nothing to do** (:class:`Forker`).
+  ``os.fork()`` runs every hook registered with :func:`os.register_at_fork` in the child:
+  ``threading``'s alone rebuilds its thread table and locks and writes ~120 pages per worker.
+  Those hooks repair the state of *other* threads (locks they held, thread objects). When the
+  fork server has a single thread and the only hooks registered are the standard library's
+  (``threading``, ``logging``, ``concurrent.futures``: locks; ``random``: reseed), the worker is
+  forked with libc's ``fork()`` (the GIL held, so the interpreter's state is copied exactly as
+  ``os.fork()`` copies it) and only ``random`` is reseeded. Anything else (a second thread, a hook
+  some task module registered) and every fork is a plain ``os.fork()``.
+* **A warm-up**: the attempt path (decoding a request, binding arguments, running a task,
+  encoding its result) runs a few times with a private no-op task before the first fork, so that
+  CPython's specialised bytecode and type-attribute cache are built once in the fork server rather
+  than written (and copied) in every worker. The task modules' own tasks never run here.
 """
 
 from __future__ import annotations
 
+import _thread
 import array
 import contextlib
+import copy
 import gc
 import os
 import select
@@ -40,6 +59,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -55,6 +75,222 @@ class _Shutdown(Exception):
     pass
 
 
+def _before_marker() -> None:
+    """Registered with ``os.register_at_fork`` just to find the interpreter's hook lists."""
+
+
+def _parent_marker() -> None:
+    """See :func:`_before_marker`."""
+
+
+def _child_marker() -> None:
+    """See :func:`_before_marker`."""
+
+
+def _hook_list(marker: Callable[[], None]) -> list[Any] | None:
+    """The interpreter's at-fork hook list that holds ``marker`` (found through the GC)."""
+    found = [
+        ref
+        for ref in gc.get_referrers(marker)
+        if type(ref) is list and any(item is marker for item in ref)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _single_threaded() -> bool:
+    """True when this process has one thread (counted by the kernel, not just by Python)."""
+    if _thread._count():
+        return False
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Threads:"):
+                    return int(line.split()[1]) == 1
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _standard_hooks() -> tuple[list[object], list[Callable[[], object]]]:
+    """The standard library's at-fork hooks of the modules loaded here.
+
+    Returns:
+        ``(skippable, rerun)``: hooks that only repair state left by other threads (nothing to
+        repair in a single-threaded process), and hooks a child must still run (``random``'s
+        reseed).
+    """
+    skippable: list[object] = []
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        skippable.append(getattr(threading, "_after_fork", None))
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        for name in ("_acquireLock", "_releaseLock", "_after_at_fork_child_reinit_locks"):
+            skippable.append(getattr(logging, name, None))
+    futures_thread = sys.modules.get("concurrent.futures.thread")
+    lock = getattr(futures_thread, "_global_shutdown_lock", None)
+    if lock is not None:
+        skippable.extend((lock.acquire, lock.release, lock._at_fork_reinit))
+    rerun: list[Callable[[], object]] = []
+    random = sys.modules.get("random")
+    instance = getattr(random, "_inst", None)
+    if instance is not None:
+        rerun.append(instance.seed)
+    return [hook for hook in skippable if hook is not None], rerun
+
+
+class Forker:
+    """Forks workers; with libc's ``fork()`` when that is equivalent to ``os.fork()``.
+
+    See the module docstring. :meth:`prepare` decides once, after the task modules are imported;
+    :meth:`fork` re-checks cheaply that no thread was started and no hook registered since.
+
+    Attributes:
+        raw: True while workers are forked without the Python-level at-fork hooks.
+        reason: Why they are not (empty when they are).
+    """
+
+    def __init__(self) -> None:
+        self._fork: Callable[[], int] | None = None
+        self._lists: tuple[list[Any], ...] = ()
+        self._lengths: tuple[int, ...] = ()
+        self._rerun: tuple[Callable[[], object], ...] = ()
+        self.reason = "not prepared"
+
+    @property
+    def raw(self) -> bool:
+        """True while workers are forked without the Python-level at-fork hooks."""
+        return self._fork is not None
+
+    def prepare(self) -> None:
+        """Decide whether workers may be forked with libc's ``fork()``."""
+        self._fork = None
+        self.reason = self._check()
+
+    def _check(self) -> str:
+        if sys.platform != "linux" or sys.implementation.name != "cpython":
+            return f"not CPython on Linux ({sys.implementation.name} on {sys.platform})"
+        if not _single_threaded():
+            return "the fork server has more than one thread"
+        markers = (_before_marker, _parent_marker, _child_marker)
+        os.register_at_fork(
+            before=_before_marker, after_in_parent=_parent_marker, after_in_child=_child_marker
+        )
+        found = [_hook_list(marker) for marker in markers]
+        for hooks, marker in zip(found, markers, strict=True):
+            if hooks is not None:
+                with contextlib.suppress(ValueError):
+                    hooks.remove(marker)
+        lists = [hooks for hooks in found if hooks is not None]
+        if len(lists) != 3 or len({id(hooks) for hooks in lists}) != 3:
+            return "the interpreter's at-fork hooks cannot be listed"
+        skippable, rerun = _standard_hooks()
+        wanted: list[Callable[[], object]] = []
+        for hooks in lists:
+            for hook in hooks:
+                if any(hook == known for known in skippable):
+                    continue
+                if lists[2] is hooks and any(hook == known for known in rerun):
+                    wanted.append(hook)
+                    continue
+                return f"an at-fork hook was registered by a task module: {hook!r}"
+        try:
+            import ctypes
+
+            fork = ctypes.PyDLL(None, use_errno=True).fork
+        except (ImportError, OSError, AttributeError) as exc:
+            return f"libc fork() not found: {exc}"
+        fork.restype = ctypes.c_int
+        fork.argtypes = []
+        self._lists = tuple(lists)
+        self._lengths = tuple(len(hooks) for hooks in lists)
+        self._rerun = tuple(wanted)
+        self._fork = fork
+        return ""
+
+    def fork(self) -> int:
+        """Fork (in the child: run the hooks it needs); return 0 in the child, the pid here.
+
+        Raises:
+            OSError: When the fork fails.
+        """
+        fork = self._fork
+        if fork is None:
+            return os.fork()
+        before, parent, child = self._lists
+        if _thread._count() or (len(before), len(parent), len(child)) != self._lengths:
+            # A thread or a hook appeared after start-up (no task code runs here, so this
+            # should not happen): from now on, the interpreter's own fork.
+            self._fork = None
+            self.reason = "a thread or an at-fork hook appeared after start-up"
+            return os.fork()
+        pid = fork()  # PyDLL: the GIL stays held, as in os.fork()
+        if pid == 0:
+            for hook in self._rerun:
+                try:
+                    hook()
+                except Exception:  # os.fork() reports and ignores them too
+                    with contextlib.suppress(Exception):
+                        traceback.print_exc()
+        elif pid < 0:
+            import ctypes
+
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        return pid
+
+
+def _warm_up_task(value: float | None = None, *, label: str = "") -> list[Any]:
+    """The private no-op task of the fork server's warm-up."""
+    return [value, label, {"ok": True}]
+
+
+_WARM_UP_TASK = "azolla.forkserver.warm_up"
+
+
+def warm_up(plan: Any, rounds: int = 24) -> bool:
+    """Run azolla's side of an attempt ``rounds`` times here, with a private no-op task.
+
+    CPython 3.11 specialises bytecode in place and caches type lookups as code runs: code that
+    each worker ran for the first time would write (and so copy) those pages in every worker.
+    Running the path here first leaves them written once, before any fork. The tasks of the task
+    modules never run; the worker's resource limits are not applied.
+
+    Args:
+        plan: The :class:`~azolla.adapters.subprocess._child.WorkerPlan`.
+        rounds: How many attempts to run (bytecode is specialised after a few calls).
+
+    Returns:
+        True when the worker's whole attempt path ran; False when only part of it could (the
+        worker's internals changed), which costs speed, never correctness.
+    """
+    import orjson
+
+    from azolla.adapters.subprocess import _child
+    from azolla.adapters.subprocess.limits import ResourceLimits
+    from azolla.tasks import TaskContext, TaskDefinition, TaskRegistry, execute_sync
+
+    registry = TaskRegistry([TaskDefinition(_warm_up_task, name=_WARM_UP_TASK)])
+    payload = orjson.dumps(["", 1, _WARM_UP_TASK, "[1.5]", '{"label": "x"}', "", None])
+    try:
+        private = copy.copy(plan)
+        private.registry = registry
+        private.limits = ResourceLimits()
+        private.async_tasks = frozenset()
+        worker = _child._Worker(private, None)
+        for _ in range(rounds):
+            frame, _retire = worker._serve(payload)
+            if not frame.startswith(b"O"):
+                return False
+        return True
+    except Exception:
+        with contextlib.suppress(Exception):
+            context = TaskContext(task_id="", attempt=1, name=_WARM_UP_TASK, domain="")
+            for _ in range(rounds):
+                execute_sync(registry, _WARM_UP_TASK, "[1.5]", '{"label": "x"}', context)
+        return False
+
+
 class ForkServer:
     """The fork server's main loop (runs in its own process)."""
 
@@ -67,6 +303,8 @@ class ForkServer:
         self.children_fd = -1
         self._cmsg_space = socket.CMSG_SPACE(16 * array.array("i").itemsize)
         self.own_pgid = os.getpgrp()
+        self.forker = Forker()
+        self.warmed_up = False
 
     # -- messages --------------------------------------------------------------------------
 
@@ -131,9 +369,20 @@ class ForkServer:
             self.children_fd = os.open(
                 f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY | os.O_CLOEXEC
             )
+        self.warmed_up = warm_up(self.plan)
+        self.forker.prepare()
         gc.collect()
         gc.freeze()  # keep forked workers from copying pages just to update GC headers
-        self.send({"op": "ready", "pid": os.getpid(), "tasks": self.registry.names()})
+        self.send(
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "tasks": self.registry.names(),
+                "raw_fork": self.forker.raw,
+                "raw_fork_off": self.forker.reason,
+                "warmed_up": self.warmed_up,
+            }
+        )
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -174,7 +423,7 @@ class ForkServer:
             self.send({"op": "spawn_failed", "id": spawn_id, "message": "expected 3 descriptors"})
             return
         try:
-            pid = os.fork()
+            pid = self.forker.fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)

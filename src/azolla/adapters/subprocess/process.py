@@ -36,6 +36,18 @@ class ProcessExecutor(ForkingExecutorBase):
         >>> await executor.close()                      # doctest: +SKIP
     """
 
+    @property
+    def fork_method(self) -> str:
+        """How the running fork server forks workers (for benchmarks and diagnostics).
+
+        ``libc`` (without the Python-level at-fork hooks, see ``_forkserver``) or ``os.fork``,
+        plus ``+warm`` when its warm-up ran the worker's attempt path; empty before it started.
+        """
+        client = self._forkserver
+        if not client.alive:
+            return ""
+        return ("libc" if client.raw_fork else "os.fork") + ("+warm" if client.warmed_up else "")
+
     async def start(self) -> None:
         """Start the fork server now (otherwise the first attempt starts it).
 
