@@ -82,6 +82,9 @@ class ChildProcess:
         self._pending = bytearray()
         self._close_input_when_sent = False
         self._closed = False
+        #: Descriptors registered with the event loop (each removed once: removing costs a
+        #: dozen Python calls on the default loop).
+        self._watched: set[int] = set()
 
     # -- I/O -------------------------------------------------------------------------------
 
@@ -89,6 +92,13 @@ class ChildProcess:
         """Watch the result and output pipes."""
         self.loop.add_reader(self.result_fd, self._on_result_readable)
         self.loop.add_reader(self.output_fd, self._on_output_readable)
+        self._watched.update((self.result_fd, self.output_fd))
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._watched.discard(fd)
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(fd)
 
     def send(self, data: bytes) -> None:
         """Write to the request pipe without blocking (the rest is written when possible)."""
@@ -164,8 +174,7 @@ class ChildProcess:
         if self.result_eof:
             return
         self.result_eof = True
-        with contextlib.suppress(ValueError, OSError):
-            self.loop.remove_reader(self.result_fd)
+        self._unwatch(self.result_fd)
         if self.on_eof is not None:
             self.on_eof()
 
@@ -177,8 +186,7 @@ class ChildProcess:
         except OSError:
             data = b""
         if not data:
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(self.output_fd)
+            self._unwatch(self.output_fd)
             return
         self.tail.feed(data)
 
@@ -274,8 +282,7 @@ class ChildProcess:
         self._closed = True
         self._close_request_fd()
         for fd in (self.result_fd, self.output_fd):
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(fd)
+            self._unwatch(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.on_frame = None
@@ -505,16 +512,12 @@ class ForkServerClient:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         op = message.get("op")
-        if op == "exited":
-            child = self._children.pop(message["pid"], None)
-            if child is not None:
-                child.set_exited(
-                    ExitStatus(
-                        code=message.get("code"),
-                        signal=message.get("signal"),
-                        max_rss_kb=message.get("max_rss_kb"),
-                    )
-                )
+        if op == "exits":
+            children = self._children
+            for pid, code, sig, max_rss_kb in message["exits"]:
+                child = children.pop(pid, None)
+                if child is not None:
+                    child.set_exited(ExitStatus(code=code, signal=sig, max_rss_kb=max_rss_kb))
         elif op == "spawned":
             entry = self._spawns.pop(message["id"], None)
             if entry is not None:

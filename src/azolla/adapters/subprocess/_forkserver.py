@@ -16,7 +16,8 @@ Fork server -> shepherd:
 
 * ``{"op": "ready", "pid": p, "tasks": [...]}`` or ``{"op": "fatal", "message": "..."}``;
 * ``{"op": "spawned", "id": n, "pid": p}`` or ``{"op": "spawn_failed", "id": n, ...}``;
-* ``{"op": "exited", "pid": p, "code": c | null, "signal": s | null, "max_rss_kb": k}``.
+* ``{"op": "exits", "exits": [[pid, code | null, signal | null, max_rss_kb], ...]}``: the
+  workers reaped at one wake-up, in one message.
 
 When a worker exits, the fork server kills the worker's process group *before* reaping it (the
 zombie keeps the group id from being reused), and kills any orphan that was re-parented to it
@@ -447,6 +448,7 @@ class ForkServer:
     def reap(self) -> None:
         """Reap every exited child, report the workers among them, then kill orphans."""
         reaped = False
+        exits: list[tuple[int, int | None, int | None, int]] = []
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -467,15 +469,16 @@ class ForkServer:
             reaped = True
             if known:
                 self.children.discard(pid)
-                self.send(
-                    {
-                        "op": "exited",
-                        "pid": pid,
-                        "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                        "max_rss_kb": usage.ru_maxrss,
-                    }
+                exits.append(
+                    (
+                        pid,
+                        os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                        os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                        usage.ru_maxrss,
+                    )
                 )
+        if exits:
+            self.send({"op": "exits", "exits": exits})
         if reaped:
             self.kill_orphans()
 
