@@ -62,6 +62,8 @@ from azolla.domain.ports import ExecutionRequest  # noqa: E402
 
 TASKS = "bench.tasks_noop"
 TICK = os.sysconf("SC_CLK_TCK")
+#: Pool mode: attempts queued in a busy worker's pipe (``--prefetch``).
+PREFETCH = 1
 
 
 @dataclass
@@ -121,7 +123,7 @@ Executor = PoolExecutor | ProcessExecutor
 def make_executor(mode: str, workers: int) -> Executor:
     sys_path = [str(ROOT), *sys.path]
     if mode == "pool":
-        return PoolExecutor([TASKS], size=workers, sys_path=sys_path)
+        return PoolExecutor([TASKS], size=workers, sys_path=sys_path, prefetch=PREFETCH)
     return ProcessExecutor([TASKS], sys_path=sys_path)
 
 
@@ -340,6 +342,8 @@ def main() -> None:
         "--pool-sizes", default="2,4,=", help="pool sizes; '=' means as many as the concurrency"
     )
     parser.add_argument("--modes", default="pool,process")
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="pool mode: attempts queued in a busy worker's pipe")
     parser.add_argument("--loops", default="uvloop,asyncio")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency", type=int, default=200,
@@ -349,6 +353,8 @@ def main() -> None:
                         help="also time N bare fork()+_exit() of a fork-server-sized process "
                         "(0: skip)")  # fmt: skip
     options = parser.parse_args()
+    global PREFETCH
+    PREFETCH = options.prefetch
 
     concurrencies = [int(c) for c in options.concurrency.split(",")]
     before = machine()

@@ -61,6 +61,8 @@ def pct(values: list[float], q: float) -> float:
 
 def summary_ms(samples: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in samples]
+    if not ms:
+        return {"n": 0}
     return {"p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
             "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
 
@@ -207,6 +209,47 @@ async def bench_runtime(total: int, concurrency: int, batch: int) -> dict[str, A
 # -- system ------------------------------------------------------------------------------------
 
 
+def _switches(root: int) -> dict[str, int]:
+    """Context switches (voluntary + involuntary) of ``root``'s threads and of its descendants.
+
+    On a VM every sleep and wake-up of a process costs tens of microseconds of CPU, so these
+    counts explain much of the CPU per task: ``shepherd_main`` is the event-loop thread,
+    ``shepherd_threads`` the others (gRPC's poller), ``workers`` the fork server and workers.
+    """
+    def of(pid: int, task: str = "") -> int:
+        path = f"/proc/{pid}/task/{task}/status" if task else f"/proc/{pid}/status"
+        total = 0
+        with contextlib.suppress(OSError), open(path) as fh:
+            for line in fh:
+                if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")):
+                    total += int(line.split()[1])
+        return total
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError), \
+                    open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+    descendants, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
+        descendants.extend(kids)
+        todo.extend(kids)
+    def cpu(pid: int) -> int:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
+            return sum(int(x) for x in fh.read().rsplit(")", 1)[1].split()[11:15])
+        return 0
+
+    threads = [t for t in os.listdir(f"/proc/{root}/task") if t != str(root)]
+    return {"shepherd_main": of(root, str(root)),
+            "shepherd_threads": sum(of(root, t) for t in threads),
+            "workers": sum(of(p) for p in descendants),
+            "cpu_ticks_shepherd": cpu(root),
+            "cpu_ticks_workers": sum(cpu(p) for p in descendants)}
+
+
 def _counters(log: str) -> dict[str, int]:
     lines = [line for line in log.splitlines() if "counters:" in line]
     if not lines:
@@ -239,10 +282,19 @@ async def bench_system(mode: str, sequential: int, burst: int, concurrency: int,
                 result = await (await client.submit_task("noop").submit()).wait()
                 latencies.append(time.perf_counter() - started)
                 assert result.success, result.error
+            cpu0 = _infra.tree_cpu_s(shepherd.pid)
+            switches0 = _switches(shepherd.pid)
             started = time.perf_counter()
             handles = await client.submit_many("noop", [[] for _ in range(burst)])
             results = await client.wait_many(handles)
             elapsed = time.perf_counter() - started
+            shepherd_cpu = _infra.tree_cpu_s(shepherd.pid) - cpu0
+            switches = {k: (v - switches0.get(k, 0)) / burst
+                        for k, v in _switches(shepherd.pid).items()}
+            hz = os.sysconf("SC_CLK_TCK")
+            cpu_split = {k[10:]: round(switches.pop(k) / hz * 1e6, 1)
+                         for k in ("cpu_ticks_shepherd", "cpu_ticks_workers")}
+            switches = {k: round(v, 2) for k, v in switches.items()}
             assert all(r.success for r in results)
         shepherd.stop()
         counters = _counters(shepherd.log_path.read_text(errors="replace"))
@@ -255,6 +307,10 @@ async def bench_system(mode: str, sequential: int, burst: int, concurrency: int,
     return {"mode": mode, "concurrency": concurrency,
             "submit_to_result": summary_ms(latencies), "burst": burst,
             "tasks_per_s": round(burst / elapsed, 1),
+            # The shepherd, its fork server and pool workers (process mode: reaped children too).
+            "shepherd_cpu_us_per_task": round(shepherd_cpu / burst * 1e6, 1),
+            "context_switches_per_task": switches,
+            "cpu_us_per_task_split": cpu_split,
             "results_per_message": round(counters.get("results_sent", 0) / messages, 1)
             if messages else None,
             "acks_sent": counters.get("acks_sent"), "counters": counters}
@@ -265,7 +321,7 @@ async def bench_system(mode: str, sequential: int, burst: int, concurrency: int,
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": _infra.machine_info(), "settings": vars(args)}
-    modes = ["process", "pool"]
+    modes = args.modes.split(",")
     log_dir = Path(tempfile.mkdtemp(prefix="azolla-bench-shepherd-"))
     if args.only in (None, "executor"):
         out["executor"] = [await bench_executor(m, args.sequential, args.burst,
@@ -277,7 +333,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(out["runtime"], indent=1), flush=True)
     if args.only in (None, "system"):
         out["system"] = [await bench_system(m, args.sequential, args.burst, args.concurrency,
-                                            log_dir) for m in modes]
+                                            log_dir) for m in modes for _ in range(args.repeat)]
         print(json.dumps(out["system"], indent=1), flush=True)
     return out
 
@@ -289,6 +345,8 @@ def cli() -> None:
                         help="one-at-a-time attempts for latency")
     parser.add_argument("--burst", type=int, default=2000, help="attempts for throughput")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--modes", default="process,pool", help="comma separated")
+    parser.add_argument("--repeat", type=int, default=1, help="system runs per mode")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     try:

@@ -209,3 +209,137 @@ async def test_a_caller_that_stops_waiting_frees_the_worker(tmp_path: Path) -> N
         assert executor.running == 0
     finally:
         await executor.close()
+
+
+# -- prefetch: attempts queued in a busy worker's pipe --------------------------------------
+
+
+async def test_a_queued_attempt_runs_on_the_busy_worker_right_after_it(tmp_path: Path) -> None:
+    executor = make(size=1, prefetch=1, revoke_after=30)
+    try:
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 0.5)))
+        worker = int(await wait_for_file(marker))
+        # Its timeout is shorter than the wait: a queued attempt's timeout starts with it.
+        queued = await asyncio.wait_for(executor.execute(req("pid", timeout=0.3)), 10)
+        assert queued.ok, queued
+        assert int(queued.value_json) == worker
+        assert (await running).value_json == '"slept"'
+        assert executor.revoked == 0
+        assert executor.workers_started == 1
+    finally:
+        await executor.close()
+
+
+async def test_a_queued_attempt_that_is_cancelled_never_runs(tmp_path: Path) -> None:
+    executor = make(size=1, prefetch=1, revoke_after=30)
+    try:
+        marker = tmp_path / "running"
+        side_effect = tmp_path / "side-effect"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 0.5)))
+        worker = int(await wait_for_file(marker))
+        queued = req("write_marker", str(side_effect), "ran")
+        waiting = asyncio.ensure_future(executor.execute(queued))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        assert await executor.cancel(queued.task_id, 1)
+        cancelled = await asyncio.wait_for(waiting, 5)
+        assert (cancelled.error_type, cancelled.retriable) == ("Cancelled", False)
+        assert not running.done()  # the worker ahead of it was not disturbed
+        assert (await running).value_json == '"slept"'
+        # The worker skipped the revoked request and serves the next one.
+        after = await asyncio.wait_for(executor.execute(req("pid")), 10)
+        assert int(after.value_json) == worker
+        assert not side_effect.exists()
+        assert executor.revoked == 1
+        assert executor.workers_started == 1
+        assert not await executor.cancel(queued.task_id, 1)  # nothing to cancel any more
+    finally:
+        await executor.close()
+
+
+@pytest.mark.parametrize("how", ["killed", "timed out"])
+async def test_a_worker_stopped_with_a_queued_attempt_hands_it_on(
+    tmp_path: Path, how: str
+) -> None:
+    executor = make(size=1, prefetch=1, revoke_after=30)
+    try:
+        marker = tmp_path / "running"
+        side_effect = tmp_path / "side-effect"
+        timeout = 1.0 if how == "timed out" else None
+        running = asyncio.ensure_future(
+            executor.execute(req("sleep_marked", str(marker), 30, timeout=timeout))
+        )
+        victim = int(await wait_for_file(marker))
+        queued = asyncio.ensure_future(
+            executor.execute(req("write_marker", str(side_effect), "ran"))
+        )
+        await asyncio.sleep(0.05)
+        assert not queued.done()
+        if how == "killed":
+            os.kill(victim, signal.SIGKILL)
+        first = await asyncio.wait_for(running, 20)
+        expected = "WorkerCrashed" if how == "killed" else "TaskTimeout"
+        assert first.error_type == expected
+        second = await asyncio.wait_for(queued, 20)
+        assert second.ok, second  # run once, on the replacement worker
+        assert side_effect.read_text() == "ran"
+        assert executor.workers_started == 2
+        assert victim not in executor.worker_pids
+        assert executor.running == 0
+    finally:
+        await executor.close()
+
+
+async def test_a_queued_attempt_does_not_wait_behind_a_long_one(tmp_path: Path) -> None:
+    executor = make(size=2, prefetch=1, revoke_after=0.1)
+    try:
+        long_marker, short_marker = tmp_path / "long", tmp_path / "short"
+        long_one = asyncio.ensure_future(
+            executor.execute(req("sleep_marked", str(long_marker), 30))
+        )
+        await wait_for_file(long_marker)
+        short_one = asyncio.ensure_future(
+            executor.execute(req("sleep_marked", str(short_marker), 1.0))
+        )
+        short_worker = int(await wait_for_file(short_marker))
+        started = time.monotonic()
+        queued = await asyncio.wait_for(executor.execute(req("pid")), 10)
+        # It was queued behind one of the two, taken back, and run by the first free worker.
+        assert int(queued.value_json) == short_worker
+        assert time.monotonic() - started < 5
+        assert executor.revoked >= 1
+        assert (await short_one).ok
+        assert not long_one.done()
+    finally:
+        await executor.close()
+
+
+async def test_queued_attempts_respect_max_attempts_per_worker() -> None:
+    executor = make(size=2, prefetch=2, max_attempts_per_worker=3)
+    try:
+        await executor.start()
+        outcomes = await asyncio.gather(*(executor.execute(req("pid")) for _ in range(30)))
+        assert all(o.ok for o in outcomes)
+        counts = Counter(int(o.value_json) for o in outcomes)
+        assert max(counts.values()) <= 3
+        assert executor.running == 0
+    finally:
+        await executor.close()
+
+
+async def test_a_crash_of_a_queued_attempt_is_its_own(tmp_path: Path) -> None:
+    executor = make(size=1, prefetch=1, revoke_after=30)
+    try:
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 0.3)))
+        await wait_for_file(marker)
+        crashing = asyncio.ensure_future(executor.execute(req("exit_now", 5)))
+        after = asyncio.ensure_future(executor.execute(req("add", 2, 3)))
+        assert (await asyncio.wait_for(running, 10)).value_json == '"slept"'
+        crash = await asyncio.wait_for(crashing, 20)
+        assert crash.error_type == "WorkerCrashed"
+        assert orjson.loads(crash.error_data)["exit_code"] == 5
+        assert (await asyncio.wait_for(after, 20)).value_json == "5"
+    finally:
+        await executor.close()

@@ -191,14 +191,19 @@ def build_executor(settings: ShepherdSettings, sources: TaskSources) -> AttemptE
     if settings.mode is ExecutionMode.POOL:
         return execution.PoolExecutor(modules, size=settings.concurrency,
                                       max_attempts_per_worker=settings.max_attempts_per_worker,
+                                      prefetch=settings.prefetch,
                                       sys_path=list(sources.sys_path), **common)
     return execution.ProcessExecutor(modules, sys_path=list(sources.sys_path), **common)
 
 
 def runtime_config(settings: ShepherdSettings) -> RuntimeConfig:
     """Return the runtime tunables for ``settings``."""
+    concurrency = settings.concurrency
+    if settings.mode is ExecutionMode.POOL and settings.worker_argv is None:
+        # Slots for the attempts queued in busy workers' pipes (see PoolExecutor's prefetch).
+        concurrency *= 1 + settings.prefetch
     return RuntimeConfig(
-        domain=settings.domain, group=settings.group, concurrency=settings.concurrency,
+        domain=settings.domain, group=settings.group, concurrency=concurrency,
         version=shepherd_version(), ack_delay=settings.ack_delay,
         drain_timeout=settings.drain_timeout, reconnect_max_delay=settings.reconnect_max_delay,
         max_buffered_results=settings.max_buffered_results,

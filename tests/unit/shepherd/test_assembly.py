@@ -71,6 +71,23 @@ def test_runtime_config_from_settings() -> None:
     assert config.version.startswith("azolla-shepherd/")
 
 
+def test_pool_mode_offers_slots_for_the_attempts_queued_in_workers_pipes() -> None:
+    pool = load_settings({"concurrency": 4, "mode": "pool"}, use_environment=False)
+    assert pool.prefetch == 1
+    assert runtime_config(pool).concurrency == 8
+    no_prefetch = load_settings({"concurrency": 4, "mode": "pool", "prefetch": 0},
+                                use_environment=False)
+    assert runtime_config(no_prefetch).concurrency == 4
+    deeper = load_settings({"concurrency": 4, "mode": "pool", "prefetch": 2},
+                           use_environment=False)
+    assert runtime_config(deeper).concurrency == 12
+    process = load_settings({"concurrency": 4, "mode": "process"}, use_environment=False)
+    assert runtime_config(process).concurrency == 4
+    command = load_settings({"concurrency": 4, "mode": "pool", "worker_command": "w"},
+                            use_environment=False)
+    assert runtime_config(command).concurrency == 4
+
+
 def test_the_cli_needs_something_to_run() -> None:
     with pytest.raises(UsageError, match="--tasks"):
         configure([])

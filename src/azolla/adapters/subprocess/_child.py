@@ -4,12 +4,16 @@ File descriptors in a worker: 0 = ``/dev/null``, 1 and 2 = the output pipe (capt
 shepherd), 3 = request frames in, 4 = result frames out. 3 and 4 are close-on-exec, so programs
 the task starts never inherit them.
 
-The worker serves request frames one at a time until its request pipe closes, or
+The worker serves request frames one at a time, in order, until its request pipe closes, or
 ``max_attempts`` have run, or it must retire (after a ``MemoryError``, or when descendants it
 started cannot be cleaned up). It is a child subreaper: after each attempt every process the task
 left behind (even ones that called ``setsid``) is killed, so nothing outlives its attempt. After
 its last attempt it exits at once: the fork server kills its process group before reaping it and
-kills whatever was re-parented to it (see ``_forkserver``).
+kills whatever was re-parented to it (see ``_forkserver``). In pool mode the shepherd may queue
+the next request in the pipe while one runs, so the worker goes on without waiting; before it
+starts a request it already holds, it picks up whatever else arrived (one ``FIONREAD``, no
+blocking), so that a revocation of that request (an ``S`` frame, see ``_frames``) is seen in
+time: the revoked request is answered with ``S`` and not run.
 
 Cost: every page of the fork server's memory that a worker writes to (a reference count is
 enough) is copied for it, a few microseconds each on a VM. So everything that can be prepared
@@ -31,7 +35,9 @@ import io
 import os
 import resource
 import signal
+import struct
 import sys
+import termios
 import time
 import traceback
 from collections import deque
@@ -45,6 +51,7 @@ from azolla.adapters.subprocess._frames import (
     KIND_ERROR,
     KIND_ERROR_RETIRE,
     KIND_OK,
+    KIND_SKIPPED,
     FrameDecoder,
     write_all,
 )
@@ -68,6 +75,10 @@ EXIT_INTERNAL_ERROR = 70
 EXIT_DESCENDANTS_LEFT = 71
 _READ_CHUNK = 1 << 16
 _OK = bytes((KIND_OK,))
+_SKIPPED_FRAME = HEADER.pack(1) + bytes((KIND_SKIPPED,))
+_REVOKE = ord("S")
+_FIONREAD_ARG = bytes(4)
+_INT = struct.Struct("i")
 
 #: ``signal.signal`` without its enum conversions (which run a dozen Python functions); it
 #: recognises only its own ``SIG_DFL`` object.
@@ -231,14 +242,24 @@ class _Worker:
         self.base_cpu = plan.base_cpu
         self.current_memory: int | None = None
         self.decoder = FrameDecoder(plan.max_request_bytes)
-        self.frames: deque[bytes] = deque()
+        #: Requests read but not yet served, with their index on the pipe.
+        self.frames: deque[tuple[int, bytes]] = deque()
+        #: Indexes of requests revoked by the shepherd.
+        self.revoked: set[int] = set()
+        self.received = 0
+        self.eof = False
 
     def run(self) -> int:
         served = 0
         while self.max_attempts is None or served < self.max_attempts:
-            payload = self._next_request()
-            if payload is None:
+            request = self._next_request()
+            if request is None:
                 return 0
+            index, payload = request
+            if index in self.revoked:
+                self.revoked.discard(index)
+                write_all(RESULT_FD, _SKIPPED_FRAME)
+                continue
             frame, retire = self._serve(payload)
             _flush_stdio()
             data = HEADER.pack(len(frame)) + frame
@@ -254,19 +275,38 @@ class _Worker:
                 return EXIT_DESCENDANTS_LEFT
         return 0
 
-    def _next_request(self) -> bytes | None:
-        """The next request frame's payload (blocking); None at the end of the request pipe.
+    def _next_request(self) -> tuple[int, bytes] | None:
+        """The next request (index, payload), blocking; None at the end of the request pipe.
+
+        A request already read is returned without blocking, after reading whatever else the
+        pipe holds (a revocation of it may be there).
 
         Raises:
             FrameTooLarge: When the frame is larger than ``max_request_bytes``.
         """
         frames = self.frames
+        if frames:
+            if not self.eof:
+                waiting = _INT.unpack(fcntl.ioctl(REQUEST_FD, termios.FIONREAD, _FIONREAD_ARG))[0]
+                if waiting > 0:
+                    self._feed(os.read(REQUEST_FD, max(waiting, _READ_CHUNK)))
+            return frames.popleft()
         while not frames:
-            data = os.read(REQUEST_FD, _READ_CHUNK)
-            if not data:
+            if self.eof:
                 return None
-            frames.extend(self.decoder.feed(data))
+            self._feed(os.read(REQUEST_FD, _READ_CHUNK))
         return frames.popleft()
+
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            self.eof = True
+            return
+        for payload in self.decoder.feed(data):
+            if payload and payload[0] == _REVOKE:
+                self.revoked.add(int(payload[1:]))
+            else:
+                self.frames.append((self.received, payload))
+                self.received += 1
 
     def _serve(self, payload: bytes) -> tuple[bytes, bool]:
         task_id, attempt, name, args, kwargs, domain, memory_limit = orjson.loads(payload)

@@ -3,13 +3,17 @@
 A frame is a 4-byte little-endian length followed by that many payload bytes.
 
 Request frame (shepherd -> worker): an orjson array
-``[task_id, attempt, name, args_json, kwargs_json, domain, memory_limit]``.
+``[task_id, attempt, name, args_json, kwargs_json, domain, memory_limit]``, or a revocation
+``S`` + the decimal index of an earlier request frame on the same pipe (0 for the first). In
+pool mode the shepherd may write a worker's next request while it still runs one; a request
+revoked before the worker reached it is answered with ``S`` instead of being run.
 
 Result frame (worker -> shepherd): one kind byte, then
 
 * ``O`` + the value's JSON text (success);
 * ``E`` + an orjson array ``[type, message, data, retriable]`` (failure);
-* ``R`` + the same array: failure after which the worker exits (e.g. ``MemoryLimitExceeded``).
+* ``R`` + the same array: failure after which the worker exits (e.g. ``MemoryLimitExceeded``);
+* ``S`` alone: the request was revoked before it started, and was not run.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ __all__ = [
     "KIND_ERROR",
     "KIND_ERROR_RETIRE",
     "KIND_OK",
+    "KIND_SKIPPED",
     "FrameDecoder",
     "FrameTooLarge",
     "pack",
     "read_frame",
+    "revoke_frame",
     "write_all",
 ]
 
@@ -34,6 +40,7 @@ HEADER = struct.Struct("<I")
 KIND_OK = ord("O")
 KIND_ERROR = ord("E")
 KIND_ERROR_RETIRE = ord("R")
+KIND_SKIPPED = ord("S")
 
 
 class FrameTooLarge(ValueError):
@@ -43,6 +50,11 @@ class FrameTooLarge(ValueError):
 def pack(payload: bytes) -> bytes:
     """Return ``payload`` with its length prefix."""
     return HEADER.pack(len(payload)) + payload
+
+
+def revoke_frame(index: int) -> bytes:
+    """Return the request frame that revokes the ``index``-th request frame of a pipe."""
+    return pack(b"S%d" % index)
 
 
 class FrameDecoder:

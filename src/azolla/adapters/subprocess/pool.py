@@ -10,6 +10,18 @@ Requests and results travel as length-prefixed frames over pipes (see ``_frames`
 has no thread, timer or task per attempt: when a worker's result arrives, the read callback hands
 the worker the next waiting attempt at once, and the attempt's own coroutine wakes only to build
 its outcome. Timeouts live on one heap.
+
+**Prefetch.** With ``prefetch`` > 0, an attempt that finds no idle worker is written into the
+pipe of a busy one (at most ``prefetch`` behind the attempt it runs), so the worker starts it the
+moment it is done, without going to sleep and without waiting for the shepherd to read its
+result. A queued attempt has not started: its timeout starts when the worker reaches it. It is
+taken back (*revoked*: an ``S`` frame, which the worker honours when it reaches the request)
+when it is cancelled, or when the attempt ahead of it has run longer than ``revoke_after``
+(it then goes to the next free worker, so it never waits behind a long attempt). A worker
+that dies or is stopped gives its queued attempts back; they run on another worker. A revoked
+request that the worker had already started when the revocation arrived (a race of
+microseconds) is run, its result dropped; such a worker is stopped if it is still on it
+``revoke_after`` later.
 """
 
 from __future__ import annotations
@@ -29,7 +41,13 @@ from azolla.adapters.subprocess._base import (
     ForkingExecutorBase,
 )
 from azolla.adapters.subprocess._forkclient import ChildProcess, WorkerStartError
-from azolla.adapters.subprocess._frames import KIND_ERROR, KIND_ERROR_RETIRE, KIND_OK
+from azolla.adapters.subprocess._frames import (
+    KIND_ERROR,
+    KIND_ERROR_RETIRE,
+    KIND_OK,
+    KIND_SKIPPED,
+    revoke_frame,
+)
 from azolla.adapters.subprocess._outcomes import (
     ExitStatus,
     cancelled_outcome,
@@ -43,19 +61,43 @@ from azolla.domain.ports import ExecutionOutcome, ExecutionRequest
 
 __all__ = ["PoolExecutor"]
 
-_KNOWN_KINDS = frozenset((KIND_OK, KIND_ERROR, KIND_ERROR_RETIRE))
+_KNOWN_KINDS = frozenset((KIND_OK, KIND_ERROR, KIND_ERROR_RETIRE, KIND_SKIPPED))
+
+
+class _Entry:
+    """A request written into a worker's pipe."""
+
+    __slots__ = ("attempt", "index", "started")
+
+    def __init__(self, attempt: Attempt, index: int) -> None:
+        #: None once revoked: the worker's answer to it is dropped.
+        self.attempt: Attempt | None = attempt
+        #: Its index among the request frames of the pipe.
+        self.index = index
+        #: Loop time at which it became the worker's current request (0.0: queued).
+        self.started = 0.0
 
 
 class _PoolWorker:
-    """A long-lived worker process and the attempt it runs."""
+    """A long-lived worker process and the requests in its pipe (the first one runs)."""
 
-    __slots__ = ("attempts", "child", "current", "dead")
+    __slots__ = ("attempts", "child", "dead", "gone", "in_room", "queue", "sent")
 
     def __init__(self, child: ChildProcess) -> None:
         self.child = child
-        self.current: Attempt | None = None
+        self.queue: deque[_Entry] = deque()
         self.attempts = 0
+        self.sent = 0
+        #: Out of the pool (killed, retired or dead); its child is being closed.
         self.dead = False
+        #: Its process ended (or is ending): nothing more is written to it.
+        self.gone = False
+        self.in_room = False
+
+    @property
+    def current(self) -> Attempt | None:
+        """The attempt the worker runs (None when idle or running a revoked request)."""
+        return self.queue[0].attempt if self.queue else None
 
 
 class PoolExecutor(ForkingExecutorBase):
@@ -66,6 +108,10 @@ class PoolExecutor(ForkingExecutorBase):
         size: Number of worker processes (attempts beyond that wait for a free worker; the
             wait does not count against their timeout).
         max_attempts_per_worker: Replace a worker after this many attempts (None: never).
+        prefetch: Attempts queued in a busy worker's pipe behind the one it runs, so it goes
+            on without waiting (0: one attempt per worker at a time).
+        revoke_after: A queued attempt is taken back and given to the next free worker when
+            the attempt ahead of it has run this long (seconds).
         limits: Resource limits of worker processes.
         default_timeout: Timeout for requests that carry none (None: no timeout).
         kill_grace: Seconds between SIGTERM and SIGKILL when an attempt is stopped.
@@ -87,6 +133,8 @@ class PoolExecutor(ForkingExecutorBase):
         *,
         size: int = 4,
         max_attempts_per_worker: int | None = None,
+        prefetch: int = 1,
+        revoke_after: float = 0.05,
         limits: ResourceLimits | None = None,
         default_timeout: float | None = None,
         kill_grace: float = 2.0,
@@ -105,6 +153,10 @@ class PoolExecutor(ForkingExecutorBase):
             raise ValueError("size must be at least 1")
         if max_attempts_per_worker is not None and max_attempts_per_worker < 1:
             raise ValueError("max_attempts_per_worker must be at least 1 (or None)")
+        if prefetch < 0:
+            raise ValueError("prefetch must not be negative")
+        if revoke_after <= 0:
+            raise ValueError("revoke_after must be positive")
         super().__init__(
             task_modules,
             limits=limits,
@@ -123,9 +175,17 @@ class PoolExecutor(ForkingExecutorBase):
         )
         self.size = size
         self.max_attempts_per_worker = max_attempts_per_worker
+        self.prefetch = prefetch
+        self.revoke_after = revoke_after
+        self._depth = 1 + prefetch
         self._workers: set[_PoolWorker] = set()
         self._idle: deque[_PoolWorker] = deque()
+        #: Busy workers with room in their pipe (entries may be stale: checked when taken).
+        self._room: deque[_PoolWorker] = deque()
         self._pending: deque[Attempt] = deque()
+        #: Live attempts queued in pipes behind a running one.
+        self._queued = 0
+        self._sweeper: asyncio.TimerHandle | None = None
         self._spawning = 0
         self._start_error: str | None = None
         self._wake: asyncio.Event | None = None
@@ -133,6 +193,8 @@ class PoolExecutor(ForkingExecutorBase):
         self._supervisor: asyncio.Task[None] | None = None
         #: Worker processes started so far (replacements included).
         self.workers_started = 0
+        #: Queued attempts taken back from a worker's pipe (cancelled, or behind a long one).
+        self.revoked = 0
 
     # -- public ----------------------------------------------------------------------------
 
@@ -140,6 +202,11 @@ class PoolExecutor(ForkingExecutorBase):
     def worker_pids(self) -> list[int]:
         """Pids of the live workers."""
         return [w.child.pid for w in self._workers if not w.dead]
+
+    @property
+    def capacity(self) -> int:
+        """Attempts this pool holds at once without a wait: ``size * (1 + prefetch)``."""
+        return self.size * self._depth
 
     async def start(self, wait: bool = True) -> None:
         """Start the fork server and the workers.
@@ -157,7 +224,7 @@ class PoolExecutor(ForkingExecutorBase):
             await asyncio.wait_for(self._full.wait(), self._forkserver.startup_timeout)
 
     async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
-        """Run one attempt on a free worker and return its outcome.
+        """Run one attempt on a worker and return its outcome.
 
         Never raises for task failures: crashes, timeouts, limits, cancellation and start-up
         failures are all outcomes.
@@ -174,9 +241,9 @@ class PoolExecutor(ForkingExecutorBase):
             if oversized is not None:
                 return oversized
             attempt.request_frame = frame
-            worker = self._take_idle()
+            worker = self._take_worker()
             if worker is not None:
-                self._start_on(worker, attempt)
+                self._push(worker, attempt)
             elif self._start_error is not None and not self._spawning and not self._workers:
                 return start_failed_outcome(request, self._start_error)
             else:
@@ -206,6 +273,9 @@ class PoolExecutor(ForkingExecutorBase):
         self._closed = True
         if self._wake is not None:
             self._wake.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for worker in list(self._idle):
             worker.child.close_input()
         await self._close_common()
@@ -217,18 +287,74 @@ class PoolExecutor(ForkingExecutorBase):
             worker.child.close()
         self._workers.clear()
         self._idle.clear()
+        self._room.clear()
         self._pending.clear()
 
     # -- attempts --------------------------------------------------------------------------
 
-    def _start_on(self, worker: _PoolWorker, attempt: Attempt) -> None:
-        worker.current = attempt
+    def _push(self, worker: _PoolWorker, attempt: Attempt) -> None:
+        """Write ``attempt``'s request into ``worker``'s pipe (it runs it after the others)."""
+        entry = _Entry(attempt, worker.sent)
+        worker.sent += 1
+        queue = worker.queue
+        queue.append(entry)
         attempt.worker = worker
-        child = worker.child
-        child.tail.clear()
-        child.send(attempt.request_frame)
-        attempt.request_frame = b""
-        self._arm_timeout(attempt)
+        worker.child.send(attempt.request_frame)
+        if len(queue) == 1:
+            self._started(worker, entry)
+        else:
+            self._queued += 1
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(
+                    self.revoke_after, self._sweep
+                )
+        if len(queue) < self._depth and self._has_room(worker):
+            self._offer(worker)
+
+    def _started(self, worker: _PoolWorker, entry: _Entry) -> None:
+        """``entry`` became the request ``worker`` runs."""
+        entry.started = asyncio.get_running_loop().time()
+        attempt = entry.attempt
+        if attempt is not None:
+            worker.child.tail.clear()
+            attempt.request_frame = b""
+            self._arm_timeout(attempt)
+
+    def _has_room(self, worker: _PoolWorker) -> bool:
+        """Whether another request may be written into ``worker``'s pipe now."""
+        queue = worker.queue
+        if worker.dead or worker.gone or len(queue) >= self._depth:
+            return False
+        limit = self.max_attempts_per_worker
+        if limit is not None and worker.attempts + len(queue) >= limit:
+            return False
+        return not queue or asyncio.get_running_loop().time() - queue[0].started < (
+            self.revoke_after
+        )
+
+    def _offer(self, worker: _PoolWorker) -> None:
+        if not worker.in_room:
+            worker.in_room = True
+            self._room.append(worker)
+
+    def _take_worker(self) -> _PoolWorker | None:
+        """An idle worker (the most recently used: warmest), else a busy one with room."""
+        idle = self._idle
+        while idle:
+            worker = idle.pop()
+            if not worker.dead and not worker.queue:
+                return worker
+        room = self._room
+        while room:
+            worker = room.popleft()
+            worker.in_room = False
+            if self._has_room(worker):
+                return worker
+        return None
+
+    def _is_current(self, attempt: Attempt) -> bool:
+        worker = attempt.worker
+        return worker is not None and bool(worker.queue) and worker.queue[0].attempt is attempt
 
     async def _finish(self, attempt: Attempt, kind: str) -> ExecutionOutcome:
         request = attempt.request
@@ -240,6 +366,10 @@ class PoolExecutor(ForkingExecutorBase):
                     request, ExitStatus.unknown(), attempt.tail, reason=f"malformed result: {exc}"
                 )
         worker = attempt.worker
+        if worker is not None and not self._is_current(attempt):
+            # Queued in a pipe, not started: take it back; the worker is not disturbed.
+            self._revoke(worker, attempt)
+            worker = None
         if worker is None:  # never reached a worker
             if kind == CANCEL:
                 return cancelled_outcome(request, None)
@@ -249,37 +379,98 @@ class PoolExecutor(ForkingExecutorBase):
         try:
             outcome, _ = await self._conclude(attempt, kind, worker.child)
         finally:
-            worker.current = None
+            if worker.queue and worker.queue[0].attempt is attempt:
+                worker.queue[0].attempt = None
             self._discard(worker)
         return outcome
 
     def _abandon(self, attempt: Attempt) -> None:
         """The caller stopped waiting (its task was cancelled): stop the attempt's worker."""
         worker = attempt.worker
-        if worker is not None and worker.current is attempt:
-            worker.current = None
+        if worker is None:
+            return
+        if self._is_current(attempt):
+            worker.queue[0].attempt = None
             self._discard(worker)
+        else:
+            self._revoke(worker, attempt)
+
+    def _revoke(self, worker: _PoolWorker, attempt: Attempt) -> None:
+        """Take ``attempt`` back from ``worker``'s pipe (where it waits behind another)."""
+        attempt.worker = None
+        for entry in worker.queue:
+            if entry.attempt is attempt:
+                entry.attempt = None
+                if not entry.started:
+                    self._queued -= 1
+                self.revoked += 1
+                if not worker.dead and not worker.gone:
+                    worker.child.send(revoke_frame(entry.index))
+                return
+
+    def _sweep(self) -> None:
+        """Take back queued attempts that wait behind a long one; stop runaway revoked ones."""
+        self._sweeper = None
+        if self._closed:
+            return
+        cutoff = asyncio.get_running_loop().time() - self.revoke_after
+        taken: list[Attempt] = []
+        for worker in list(self._workers):
+            queue = worker.queue
+            if not queue or queue[0].started > cutoff:
+                continue
+            if queue[0].attempt is None:
+                self._discard(worker)  # runs a revoked request: it started before the revoke
+                continue
+            for entry in list(queue)[1:]:
+                attempt = entry.attempt
+                if attempt is not None:
+                    self._revoke(worker, attempt)
+                    taken.append(attempt)
+        if taken:
+            self._pending.extendleft(reversed(taken))
+            self._dispatch()
+        if self._queued > 0 and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(self.revoke_after, self._sweep)
 
     # -- worker events (event-loop callbacks) ----------------------------------------------
 
     def _on_worker_frame(self, worker: _PoolWorker, frame: bytes) -> None:
-        attempt = worker.current
-        if attempt is None or not frame or frame[0] not in _KNOWN_KINDS:
+        queue = worker.queue
+        if not queue or not frame or frame[0] not in _KNOWN_KINDS:
             worker.child.protocol_error = "unexpected or malformed result frame"
             worker.child.kill()
             return
-        if frame[0] != KIND_OK:
-            worker.child.drain_output()
-            attempt.tail = worker.child.tail.snapshot()
-        attempt.on_frame(frame)
-        event = attempt.event
-        if event.cancelled() or event.result() != FRAME:
-            return  # timed out or cancelled meanwhile: the worker is being killed
-        worker.current = None
-        if frame[0] == KIND_ERROR_RETIRE:
-            self._retire(worker)
+        entry = queue[0]
+        attempt = entry.attempt
+        kind = frame[0]
+        if attempt is not None:
+            if kind == KIND_SKIPPED:
+                worker.child.protocol_error = "a request that was not revoked was skipped"
+                worker.child.kill()
+                return
+            if kind != KIND_OK:
+                worker.child.drain_output()
+                attempt.tail = worker.child.tail.snapshot()
+            attempt.on_frame(frame)
+            event = attempt.event
+            if event.cancelled() or event.result() != FRAME:
+                return  # timed out or cancelled meanwhile: the worker is being killed
+        queue.popleft()
+        if kind != KIND_SKIPPED:
+            worker.attempts += 1
+        if kind == KIND_ERROR_RETIRE:
+            if not worker.dead:
+                self._retire(worker)
             return
-        worker.attempts += 1
+        if queue:
+            # The worker went on with the next request in its pipe.
+            entry = queue[0]
+            if entry.attempt is not None:
+                self._queued -= 1
+            self._started(worker, entry)
+        if worker.dead or worker.gone:
+            return  # being stopped, or drained after its death (see _on_worker_gone)
         limit = self.max_attempts_per_worker
         if limit is not None and worker.attempts >= limit:
             self._retire(worker)
@@ -287,32 +478,81 @@ class PoolExecutor(ForkingExecutorBase):
             self._release(worker)
 
     def _on_worker_gone(self, worker: _PoolWorker) -> None:
-        if worker.current is not None:
-            worker.current.signal(EXIT)
-        elif not worker.dead:
+        if worker.dead or worker.gone:
+            return
+        worker.gone = True
+        # Frames the worker wrote before it died belong to the requests at the head of its
+        # queue: read them first (the exit may be reported before the pipe is read). The
+        # request it was on when it died is its current one; those behind it never started.
+        worker.child.drain()
+        if worker.dead:
+            return
+        current = worker.current
+        if current is not None:
+            self._give_back(worker, keep_current=True)
+            self._dispatch()
+            current.signal(EXIT)  # its _finish concludes and discards the worker
+        else:
             self._discard(worker)
 
     # -- worker bookkeeping ----------------------------------------------------------------
 
-    def _take_idle(self) -> _PoolWorker | None:
-        while self._idle:
-            worker = self._idle.pop()  # LIFO: the most recently used worker is warmest
-            if not worker.dead:
-                return worker
-        return None
+    def _give_back(self, worker: _PoolWorker, *, keep_current: bool = False) -> None:
+        """Return the attempts queued behind ``worker``'s current one to the pending queue.
+
+        They never started: the worker runs requests in order and is done or being stopped.
+        """
+        queue = worker.queue
+        entries = list(queue)
+        first = entries[0] if keep_current and entries else None
+        returned: list[Attempt] = []
+        for entry in entries:
+            attempt = entry.attempt
+            if attempt is None or entry is first:
+                continue
+            if not entry.started:
+                self._queued -= 1
+            entry.attempt = None
+            if not attempt.finished:
+                attempt.worker = None
+                returned.append(attempt)
+        if returned:
+            self._pending.extendleft(reversed(returned))
+        queue.clear()
+        if first is not None:
+            queue.append(first)
 
     def _release(self, worker: _PoolWorker) -> None:
+        """Fill ``worker``'s pipe from the pending attempts; mark it idle or with room."""
         pending = self._pending
-        while pending:
+        while pending and self._has_room(worker):
             attempt = pending.popleft()
             if not attempt.finished:
-                self._start_on(worker, attempt)
+                self._push(worker, attempt)
+        if worker.dead:
+            return
+        if not worker.queue:
+            self._idle.append(worker)
+        elif self._has_room(worker):
+            self._offer(worker)
+
+    def _dispatch(self) -> None:
+        """Hand pending attempts to idle workers."""
+        while self._pending:
+            worker = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if not candidate.dead and not candidate.queue:
+                    worker = candidate
+                    break
+            if worker is None:
                 return
-        self._idle.append(worker)
+            self._release(worker)
 
     def _retire(self, worker: _PoolWorker) -> None:
         """Let the worker exit (its request pipe is closed) and start a replacement."""
         self._workers.discard(worker)
+        self._give_back(worker)
         worker.dead = True
         child = worker.child
         child.on_frame = None
@@ -328,20 +568,26 @@ class PoolExecutor(ForkingExecutorBase):
             child.exited.add_done_callback(_exited)
         else:
             child.close()
+        self._dispatch()
         self._want_workers()
 
     def _discard(self, worker: _PoolWorker) -> None:
         """Forget a dead (or killed) worker and start a replacement."""
-        self._workers.discard(worker)
-        worker.dead = True
-        with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
-        child = worker.child
-        if child.alive:
-            child.kill()
-            child.exited.add_done_callback(lambda _f: child.close())
-        else:
-            child.close()
+        if not worker.dead:
+            self._workers.discard(worker)
+            worker.dead = True
+            with contextlib.suppress(ValueError):
+                self._idle.remove(worker)
+            child = worker.child
+            if child.alive:
+                child.kill()
+                child.exited.add_done_callback(lambda _f: child.close())
+            else:
+                child.close()
+        if worker.queue:
+            # A live current attempt is concluded by its own execute(); the rest go back.
+            self._give_back(worker, keep_current=True)
+        self._dispatch()
         self._want_workers()
 
     # -- supervision -----------------------------------------------------------------------
