@@ -63,6 +63,12 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("src/azolla/adapters/postgres/partitions.py", "drop_partitions_older_than", "detached"):
         "copy_from_table takes a table *name* that asyncpg quotes itself; the name is derived "
         "from a partition name read from pg_inherits, not from a request",
+    ("src/azolla/adapters/postgres/event_store.py", "_commit", "packed_domains"):
+        "the first bound parameter ($1) of the prepared batch insert (lane.insert.fetchrow), "
+        "not SQL text",
+    ("src/azolla/adapters/postgres/event_store.py", "_commit", "domains"):
+        "the first bound parameter ($1) of the prepared batch insert "
+        "(lane.insert_arrays.fetchrow), not SQL text",
     ("src/azolla/shepherd/runtime.py", "_execute", "request"):
         "TaskExecutor.execute(request) runs a task attempt; it is not a database call",
 }

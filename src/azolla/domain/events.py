@@ -92,15 +92,8 @@ def encode_with_payload(event: Any, *, domain: str,
     """Like :func:`encode`, also returning the payload as a dict (saves re-parsing it)."""
     cls = type(event)
     payload = payload_of(event)
-    return NewEvent(
-        stream_id=event.originator_id,
-        version=event.originator_version,
-        type=cls.TYPE,
-        payload=_dumps(payload),
-        domain=domain,
-        partition_day=partition_day,
-        terminal=getattr(cls, "TERMINAL", False),
-    ), payload
+    return NewEvent(event.originator_id, event.originator_version, cls.TYPE, _dumps(payload),
+                    domain, partition_day, getattr(cls, "TERMINAL", False)), payload
 
 
 def encode_pending(aggregate: Aggregate) -> list[NewEvent]:

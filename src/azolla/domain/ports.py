@@ -7,9 +7,9 @@ boundary. Contract test suites for the ports live in :mod:`azolla.testing`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class NewEvent:
     """An event ready to be appended to the log.
 
@@ -52,8 +52,30 @@ class NewEvent:
     partition_day: int
     terminal: bool = False
 
+    def __init__(self, stream_id: UUID, version: int, type: str, payload: str,
+                 domain: str, partition_day: int, terminal: bool = False) -> None:
+        # Frozen, so the generated __init__ would call object.__setattr__ per field; the slot
+        # descriptors' setters do the same work at a third of the cost (five events per task).
+        setters = _NEW_EVENT_SETTERS
+        setters[0](self, stream_id)
+        setters[1](self, version)
+        setters[2](self, type)
+        setters[3](self, payload)
+        setters[4](self, domain)
+        setters[5](self, partition_day)
+        setters[6](self, terminal)
 
-@dataclass(frozen=True, slots=True)
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The ``__set__`` of each named slot descriptor of ``cls`` (bypasses frozen-ness)."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_NEW_EVENT_SETTERS = _slot_setters(NewEvent, (
+    "stream_id", "version", "type", "payload", "domain", "partition_day", "terminal"))
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class StoredEvent:
     """An event as recorded in the log.
 
@@ -78,6 +100,26 @@ class StoredEvent:
     partition_day: int
     terminal: bool
     recorded_at: float
+
+    def __init__(self, position: int, stream_id: UUID, version: int, type: str,
+                 payload: str, domain: str, partition_day: int, terminal: bool,
+                 recorded_at: float) -> None:
+        # See NewEvent.__init__: start-up folds every retained event through here.
+        setters = _STORED_EVENT_SETTERS
+        setters[0](self, position)
+        setters[1](self, stream_id)
+        setters[2](self, version)
+        setters[3](self, type)
+        setters[4](self, payload)
+        setters[5](self, domain)
+        setters[6](self, partition_day)
+        setters[7](self, terminal)
+        setters[8](self, recorded_at)
+
+
+_STORED_EVENT_SETTERS = _slot_setters(StoredEvent, (
+    "position", "stream_id", "version", "type", "payload", "domain", "partition_day",
+    "terminal", "recorded_at"))
 
 
 @runtime_checkable

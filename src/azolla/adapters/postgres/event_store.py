@@ -1080,14 +1080,5 @@ def _setter(event: asyncio.Event) -> Any:
 
 
 def _stored(row: Any) -> StoredEvent:
-    return StoredEvent(
-        position=row[0],
-        stream_id=row[1],
-        version=row[2],
-        type=row[3],
-        payload=row[4],
-        domain=row[5],
-        partition_day=row[6],
-        terminal=row[7],
-        recorded_at=row[8].timestamp(),
-    )
+    return StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                       row[8].timestamp())
