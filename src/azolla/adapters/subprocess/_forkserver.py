@@ -225,7 +225,12 @@ class Forker:
             self._fork = None
             self.reason = "a thread or an at-fork hook appeared after start-up"
             return os.fork()
-        pid = fork()  # PyDLL: the GIL stays held, as in os.fork()
+        # PyDLL: the GIL stays held, as in os.fork(). One thing os.fork() does that this does
+        # not: forget signals that arrived just before and whose Python handlers have not run
+        # yet, so a child may run the fork server's handler once before its set-up resets them.
+        # Both are harmless there: SIGCHLD's does nothing, and SIGTERM's (the fork server is
+        # being stopped) ends the worker as a SIGTERM sent to the worker would.
+        pid = fork()
         if pid == 0:
             for hook in self._rerun:
                 try:
