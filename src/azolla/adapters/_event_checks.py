@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from uuid import UUID
 
 from azolla.domain.errors import ConcurrencyConflict, DuplicateTerminalOutcome
 from azolla.domain.ports import NewEvent
@@ -32,18 +31,21 @@ def check_new_events(events: Sequence[NewEvent]) -> None:
             raise ValueError(f"partition_day out of range: {event.partition_day}")
     if len(events) < 2:
         return
-    keys: set[tuple[UUID, int]] = set()
-    terminal: set[UUID] = set()
+    # Keyed by the UUIDs' integers: hashing a UUID is a Python-level call, an int's is not
+    # (the orchestrator appends hundreds of events at once).
+    keys: set[tuple[int, int]] = set()
+    terminal: set[int] = set()
     for event in events:
-        key = (event.stream_id, event.version)
+        stream = event.stream_id.int
+        key = (stream, event.version)
         if key in keys:
             raise ConcurrencyConflict(
                 f"stream {event.stream_id} version {event.version} appears twice in one append"
             )
         keys.add(key)
         if event.terminal:
-            if event.stream_id in terminal:
+            if stream in terminal:
                 raise DuplicateTerminalOutcome(
                     f"stream {event.stream_id} has two terminal events in one append"
                 )
-            terminal.add(event.stream_id)
+            terminal.add(stream)
