@@ -226,11 +226,16 @@ _stop = threading.Event()
 threading.Thread(target=_stop.wait, daemon=True).start()
 """
 
+FREEZE_MODULE = """
+import gc
+gc.freeze()  # as some pre-forking servers advise; hides objects from gc.get_referrers
+"""
+
 
 @pytest.mark.parametrize(
     ("extra", "raw"),
-    [("", True), (HOOK_MODULE, False), (THREAD_MODULE, False)],
-    ids=["plain", "own-at-fork-hook", "thread-at-import"],
+    [("", True), (HOOK_MODULE, False), (THREAD_MODULE, False), (FREEZE_MODULE, True)],
+    ids=["plain", "own-at-fork-hook", "thread-at-import", "gc-frozen-at-import"],
 )
 async def test_how_workers_are_forked(extra: str, raw: bool, tmp_path: Path) -> None:
     """libc fork() only when os.fork()'s Python hooks have nothing to do; the child is sound."""

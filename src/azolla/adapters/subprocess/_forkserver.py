@@ -177,6 +177,7 @@ class Forker:
         os.register_at_fork(
             before=_before_marker, after_in_parent=_parent_marker, after_in_child=_child_marker
         )
+        gc.unfreeze()  # frozen objects are invisible to get_referrers (frozen again later)
         found = [_hook_list(marker) for marker in markers]
         for hooks, marker in zip(found, markers, strict=True):
             if hooks is not None:
