@@ -928,8 +928,10 @@ class Orchestrator:
             record = taskset.tasks.get(task_id)
             if record is None:
                 continue
-            for watcher in list(self._watchers.get(task_id, ())):
-                watcher(record)
+            watchers = self._watchers.get(task_id)
+            if watchers:
+                for watcher in list(watchers):
+                    watcher(record)
             if record.terminal:
                 if keep is None or task_id not in keep.touched_tasks:
                     self._tasks.pop(task_id, None)

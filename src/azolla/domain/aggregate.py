@@ -91,12 +91,18 @@ class AzollaAggregate(Aggregate):
 
     def trigger_event(self, event_class: type[CanMutateAggregate[UUID]], **fields: Any) -> None:
         """Create the next event of this aggregate from ``fields`` and apply it."""
+        version = self._version + 1
         fields["originator_id"] = self._id
-        fields["originator_version"] = self._version + 1
-        if fields.get("timestamp") is None:
-            fields["timestamp"] = event_class.create_timestamp()
+        fields["originator_version"] = version
+        timestamp = fields.get("timestamp")
+        if timestamp is None:
+            timestamp = fields["timestamp"] = event_class.create_timestamp()
         event = new_event(event_class, fields)
-        event.mutate(self)
+        # What ``event.mutate(self)`` does, minus its checks that the event names this
+        # aggregate and the next version (true by construction here).
+        event.apply(self)
+        self._version = version
+        self._modified_on = timestamp
         self._pending_events.append(event)
 
     def collect_events(self) -> list[CanMutateAggregate[UUID]]:

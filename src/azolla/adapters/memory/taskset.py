@@ -318,7 +318,10 @@ class TaskSet:
             return []
         taken: list[TaskRecord] = []
         while len(taken) < limit and by_name:
-            best_name = min(by_name, key=lambda n: by_name[n][0])
+            if len(by_name) == 1:  # the common case: one task name per group
+                best_name = next(iter(by_name))
+            else:
+                best_name = min(by_name, key=lambda n: by_name[n][0])
             heap = by_name[best_name]
             _, _, task_id = heapq.heappop(heap)
             if not heap:
