@@ -142,7 +142,7 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
     running. The server is restarted on the same port and database right after the kill; the
     shepherd reconnects on its own (its own backoff). Measured from the restart: health SERVING,
     first successful RPC, first dispatch committed (``TaskAttemptStarted`` after the kill) and
-    first task code started after the kill.
+    first task code started after the kill; also the CPU time each server used until it served.
     """
     from azolla import Client
 
@@ -159,6 +159,7 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
     conn = await asyncpg.connect(dsn)
     try:
         empty_start_s = await _infra.wait_serving(endpoint, server, timeout=60) - t_first_start
+        empty_start_cpu_s = _infra.tree_cpu_s(server.pid)
         shepherd = _infra.start_shepherd(endpoint, "pool", concurrency, domain, log_dir,
                                          name="recovery-shepherd")
         await _infra.wait_shepherds(endpoint, domain, 1, [shepherd], timeout=60)
@@ -184,8 +185,12 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
         done = int(await conn.fetchval(
             "SELECT count(*) FROM azolla_events WHERE terminal AND domain = $1", domain))
 
+        cpu_at_serving: list[float] = []
+
         async def health() -> float | None:
             ok = await _infra.health_serving(endpoint, timeout=0.25)
+            if ok and server2 is not None:
+                cpu_at_serving.append(_infra.tree_cpu_s(server2.pid))
             return time.time() if ok else None
 
         async def first_rpc() -> float | None:
@@ -230,6 +235,10 @@ async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int =
         result: dict[str, Any] = {
             "unfinished_at_kill": unfinished - done, "events_in_log": events_in_log,
             "start_to_serving_empty_db_s": empty_start_s,
+            # CPU seconds the server used until it served: steadier than wall clock on a
+            # shared host (a busy host stretches the wall clock, not the CPU much).
+            "start_cpu_to_serving_empty_db_s": empty_start_cpu_s,
+            "restart_cpu_to_serving_s": cpu_at_serving[0] if cpu_at_serving else None,
             "kill_to_restart_s": t_restart - t_kill,
             "restart_to_serving_s": since(serving), "restart_to_first_rpc_s": since(rpc),
             "restart_to_first_dispatch_s": since(dispatched),
