@@ -363,10 +363,10 @@ def _environment() -> dict[str, Any]:
         if name in _JSON_SETTINGS:
             try:
                 value = json.loads(value)
-            except ValueError:
+            except ValueError as exc:  # the value is not echoed: it may hold a token
                 raise SettingsError(
                     f"invalid settings: {name}: the environment variable {env_name.upper()} "
-                    f"must be JSON (got {value[:80]!r})") from None
+                    f"must be JSON ({exc})") from None
             if name == "auth" and isinstance(value, dict):  # table keys in any case
                 keys = {key.lower(): key for key in AuthSettings.model_fields}
                 value = {keys.get(key.lower(), key): item for key, item in value.items()}

@@ -127,6 +127,11 @@ def test_a_table_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert err.startswith("azolla-server: error: invalid settings: domain_concurrency:")
     assert err.count("\n") == 1
+    monkeypatch.delenv("AZOLLA_DOMAIN_CONCURRENCY")
+    monkeypatch.setenv("AZOLLA_AUTH", '{"tokens": [{"token": "a-secret-development-token"')
+    with pytest.raises(SettingsError, match="AZOLLA_AUTH must be JSON") as info:
+        load_settings()
+    assert "a-secret-development-token" not in str(info.value)
 
 
 def test_errors_from_the_environment_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
