@@ -40,7 +40,8 @@ a VM), so two things are done once in the fork server instead of in every worker
   (``threading``, ``logging``, ``concurrent.futures``: locks; ``random``: reseed), the worker is
   forked with libc's ``fork()`` (the GIL held, so the interpreter's state is copied exactly as
   ``os.fork()`` copies it) and only ``random`` is reseeded. Anything else (a second thread, a hook
-  some task module registered) and every fork is a plain ``os.fork()``.
+  some task module registered, a Python other than CPython 3.11-3.12 with the GIL, for which
+  this equivalence was not checked) and every fork is a plain ``os.fork()``.
 * **A warm-up**: the attempt path (decoding a request, binding arguments, running a task,
   encoding its result) runs a few times with a private no-op task before the first fork, so that
   CPython's specialised bytecode and type-attribute cache are built once in the fork server rather
@@ -112,6 +113,11 @@ def _single_threaded() -> bool:
     return False
 
 
+def _gil_enabled() -> bool:
+    is_gil_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
+    return True if is_gil_enabled is None else is_gil_enabled()
+
+
 def _standard_hooks() -> tuple[list[object], list[Callable[[], object]]]:
     """The standard library's at-fork hooks of the modules loaded here.
 
@@ -171,6 +177,10 @@ class Forker:
     def _check(self) -> str:
         if sys.platform != "linux" or sys.implementation.name != "cpython":
             return f"not CPython on Linux ({sys.implementation.name} on {sys.platform})"
+        if not (3, 11) <= sys.version_info[:2] <= (3, 12) or not _gil_enabled():
+            # What os.fork() does besides the hooks was checked for these versions only (3.13
+            # renamed logging's hooks anyway); free-threaded builds always take os.fork().
+            return f"not checked for this Python ({sys.version.split()[0]})"
         if not _single_threaded():
             return "the fork server has more than one thread"
         markers = (_before_marker, _parent_marker, _child_marker)
