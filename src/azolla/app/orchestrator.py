@@ -82,6 +82,10 @@ from azolla.domain.values import (
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "ShepherdSession"]
 
+#: Events per read while folding the log at start, and per slice folded between yields.
+_FOLD_PAGE = 5_000
+_FOLD_SLICE = 1_000
+
 log = logging.getLogger("azolla.orchestrator")
 
 MAX_FUTURE_SECONDS = 10 * 365 * 86_400.0
@@ -354,17 +358,25 @@ class Orchestrator:
         self.taskset.advance(now)
         position = self.taskset.position
         pending: dict[UUID, list[StoredEvent]] = {}
-        while True:
-            page = await self.store.read_all(position, 20_000)
-            if not page:
-                break
-            for stored in page:
-                self.taskset.apply(stored)
-                if stored.type.startswith(("Task", "Attempt")):
-                    pending.setdefault(stored.stream_id, []).append(stored)
-                    if stored.terminal:
-                        pending.pop(stored.stream_id, None)
-            position = page[-1].position
+        # The next page is read while this one is folded (the database's work and the
+        # transfer overlap the fold; the fold yields between slices so the read progresses).
+        fetch = asyncio.ensure_future(self.store.read_all(position, _FOLD_PAGE))
+        try:
+            while page := await fetch:
+                fetch = asyncio.ensure_future(self.store.read_all(page[-1].position, _FOLD_PAGE))
+                for first in range(0, len(page), _FOLD_SLICE):
+                    await asyncio.sleep(0)
+                    for stored in page[first:first + _FOLD_SLICE]:
+                        self.taskset.apply(stored)
+                        if stored.type.startswith(("Task", "Attempt")):
+                            pending.setdefault(stored.stream_id, []).append(stored)
+                            if stored.terminal:
+                                pending.pop(stored.stream_id, None)
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(BaseException):
+                    await fetch
         # Keep the raw events of unfinished tasks and their attempts; aggregates are built
         # lazily from them on first use.
         for task_id, record in self.taskset.tasks.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from azolla.adapters.memory.event_store import InMemoryEventLog, InMemoryEventStore
 from azolla.adapters.memory.transport import InProcessTransport
+from azolla.app import orchestrator as orchestrator_module
 from azolla.app.model import ReportedOutcome, ShepherdHello, SubmitRequest
 from azolla.app.orchestrator import Orchestrator, OrchestratorConfig, ShepherdSession
 from azolla.domain.errors import AzollaDomainError
@@ -101,7 +103,11 @@ async def _history(ops: list[tuple[Any, ...]]) -> None:
     await live.stop()
 
     rebuilt = Orchestrator(InMemoryEventStore(log), clock=clock, config=config)
-    await rebuilt.start()
+    # Small pages and slices, so the fold's paging (next page read during this one's fold)
+    # is exercised by every history.
+    with mock.patch.object(orchestrator_module, "_FOLD_PAGE", 7), \
+            mock.patch.object(orchestrator_module, "_FOLD_SLICE", 3):
+        await rebuilt.start()
     await rebuilt.stop()
     live.taskset.advance(clock.value)
     rebuilt.taskset.advance(clock.value)
