@@ -62,11 +62,11 @@ _FIELDS: dict[type[Any], tuple[str, ...]] = {
     for cls, _ in EVENT_CLASSES.values()
 }
 _TOPICS = {aggregate: get_topic(aggregate) for aggregate in _AGGREGATES}
-
-
-def _dumps(payload: dict[str, Any]) -> str:
-    """Compact JSON text (UTF-8, non-finite floats as null); fast (pydantic-core)."""
-    return to_json(payload, inf_nan_mode="null").decode()
+#: Event class → (payload field names, type name, terminal?): what encoding one needs.
+_ENCODING: dict[type[Any], tuple[tuple[str, ...], str, bool]] = {
+    cls: (_FIELDS[cls], cls.TYPE, bool(getattr(cls, "TERMINAL", False)))
+    for cls, _ in EVENT_CLASSES.values()
+}
 
 
 class _Located(Protocol):
@@ -90,10 +90,17 @@ def encode(event: Any, *, domain: str, partition_day: int) -> NewEvent:
 def encode_with_payload(event: Any, *, domain: str,
                         partition_day: int) -> tuple[NewEvent, dict[str, Any]]:
     """Like :func:`encode`, also returning the payload as a dict (saves re-parsing it)."""
-    cls = type(event)
-    payload = payload_of(event)
-    return NewEvent(event.originator_id, event.originator_version, cls.TYPE, _dumps(payload),
-                    domain, partition_day, getattr(cls, "TERMINAL", False)), payload
+    return _encode(event, domain, partition_day)
+
+
+def _encode(event: Any, domain: str, partition_day: int) -> tuple[NewEvent, dict[str, Any]]:
+    fields, type_name, terminal = _ENCODING[type(event)]
+    values = event.__dict__
+    payload = {name: values[name] for name in fields}
+    payload["at"] = values["timestamp"].timestamp()
+    text = to_json(payload, inf_nan_mode="null").decode()  # compact, non-finite floats as null
+    return NewEvent(values["originator_id"], values["originator_version"], type_name, text,
+                    domain, partition_day, terminal), payload
 
 
 def encode_pending(aggregate: Aggregate) -> list[NewEvent]:
@@ -104,10 +111,8 @@ def encode_pending(aggregate: Aggregate) -> list[NewEvent]:
 def encode_pending_with_payloads(aggregate: Aggregate) -> list[tuple[NewEvent, dict[str, Any]]]:
     """Like :func:`encode_pending`, also returning each payload as a dict."""
     located: _Located = aggregate  # type: ignore[assignment]
-    return [
-        encode_with_payload(event, domain=located.domain, partition_day=located.partition_day)
-        for event in aggregate.collect_events()
-    ]
+    domain, day = located.domain, located.partition_day
+    return [_encode(event, domain, day) for event in aggregate.collect_events()]
 
 
 def decode(stored: StoredEvent) -> CanMutateAggregate[Any]:
