@@ -187,23 +187,54 @@ class _Connector:
         return self.link
 
 
-async def bench_runtime(total: int, concurrency: int, batch: int) -> dict[str, Any]:
-    link = _Link(total, concurrency, batch)
-    runtime = ShepherdRuntime(_NullExecutor(), _Connector(link),
-                              RuntimeConfig(concurrency=concurrency, drain_timeout=5))
+async def bench_runtime(total: int, concurrency: int, batch: int,
+                        executor_kind: str = "null", prefetch: int = 1) -> dict[str, Any]:
+    """The runtime against an in-memory orchestrator end (no gRPC).
+
+    ``executor_kind`` ``null`` returns at once (the runtime's own cost); ``pool`` runs the
+    no-op task on a :class:`PoolExecutor` of ``concurrency`` workers (offering
+    ``concurrency * (1 + prefetch)`` slots, as ``azolla-shepherd --mode pool`` does): the
+    shepherd's CPU per attempt without the stream, and its workers' (``workers_cpu_us``).
+    """
+    executor: Any = _NullExecutor()
+    slots = concurrency
+    if executor_kind == "pool":
+        from azolla.adapters.subprocess import PoolExecutor
+
+        executor = PoolExecutor([TASKS], size=concurrency, prefetch=prefetch,
+                                sys_path=[str(ROOT), *sys.path])
+        await executor.start()
+        slots = concurrency * (1 + prefetch)
+    link = _Link(total, slots, batch)
+    runtime = ShepherdRuntime(executor, _Connector(link),
+                              RuntimeConfig(concurrency=slots, drain_timeout=5))
+    workers = _worker_cpu(executor)
     started = time.perf_counter()
     cpu = time.process_time()
     await runtime.start()
     await asyncio.wait_for(link.done.wait(), 300)
     elapsed = time.perf_counter() - started
     cpu_used = time.process_time() - cpu
+    workers = _worker_cpu(executor) - workers
     stats = dict(runtime.stats)
     await runtime.stop(0)
-    return {"attempts": total, "concurrency": concurrency, "push_batch": batch,
-            "attempts_per_s": round(total / elapsed, 1),
-            "cpu_us_per_attempt": round(cpu_used / total * 1e6, 1),
-            "results_per_message": round(link.results / max(link.result_messages, 1), 1),
-            "acks_sent": stats["acks_sent"]}
+    out = {"executor": executor_kind, "attempts": total, "concurrency": concurrency,
+           "slots": slots, "push_batch": batch, "attempts_per_s": round(total / elapsed, 1),
+           "cpu_us_per_attempt": round(cpu_used / total * 1e6, 1),
+           "results_per_message": round(link.results / max(link.result_messages, 1), 1),
+           "acks_sent": stats["acks_sent"]}
+    if executor_kind == "pool":
+        out["workers_cpu_us"] = round(workers / total * 1e6, 1)
+    return out
+
+
+def _worker_cpu(executor: Any) -> float:
+    hz = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in getattr(executor, "worker_pids", []):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
+            total += sum(int(x) for x in fh.read().rsplit(")", 1)[1].split()[11:13])
+    return total / hz
 
 
 # -- system ------------------------------------------------------------------------------------
@@ -328,7 +359,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                                 args.concurrency) for m in modes]
         print(json.dumps(out["executor"], indent=1), flush=True)
     if args.only in (None, "runtime"):
-        out["runtime"] = [await bench_runtime(args.burst * 5, args.concurrency, b)
+        out["runtime"] = [await bench_runtime(args.burst * 5, args.concurrency, b,
+                                              args.runtime_executor, args.prefetch)
                           for b in (1, 64)]
         print(json.dumps(out["runtime"], indent=1), flush=True)
     if args.only in (None, "system"):
@@ -346,6 +378,10 @@ def cli() -> None:
     parser.add_argument("--burst", type=int, default=2000, help="attempts for throughput")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--modes", default="process,pool", help="comma separated")
+    parser.add_argument("--runtime-executor", choices=("null", "pool"), default="null",
+                        help="runtime measurement: an executor that returns at once, or a pool")
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="pool: attempts queued in a busy worker's pipe (runtime measurement)")
     parser.add_argument("--repeat", type=int, default=1, help="system runs per mode")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from azolla.adapters.subprocess import PoolExecutor
+from azolla.adapters.subprocess import AttemptAlreadyRunning, PoolExecutor
 from azolla.domain.ports import ExecutionRequest
 
 pytestmark = pytest.mark.timeout(60)
@@ -341,5 +341,68 @@ async def test_a_crash_of_a_queued_attempt_is_its_own(tmp_path: Path) -> None:
         assert crash.error_type == "WorkerCrashed"
         assert orjson.loads(crash.error_data)["exit_code"] == 5
         assert (await asyncio.wait_for(after, 20)).value_json == "5"
+    finally:
+        await executor.close()
+
+
+# -- submit: outcomes through a callback, no coroutine per attempt ------------------------
+
+
+class _Outcomes:
+    """Collects ``submit`` outcomes; fails the test if one attempt gets two."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, Any] = {}
+        self.changed = asyncio.Event()
+
+    def callback(self, request: ExecutionRequest) -> Any:
+        def done(outcome: Any) -> None:
+            assert request.task_id not in self.got, "two outcomes for one attempt"
+            assert (outcome.task_id, outcome.attempt) == (request.task_id, request.attempt)
+            self.got[request.task_id] = outcome
+            self.changed.set()
+
+        return done
+
+    async def wait(self, request: ExecutionRequest, timeout: float = 20) -> Any:
+        async with asyncio.timeout(timeout):
+            while request.task_id not in self.got:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.got[request.task_id]
+
+
+async def test_submitted_attempts_report_every_kind_of_outcome_once(tmp_path: Path) -> None:
+    executor = make(size=1, prefetch=1, revoke_after=30)
+    outcomes = _Outcomes()
+    try:
+        await executor.start()
+        marker = tmp_path / "running"
+        side_effect = tmp_path / "side-effect"
+        blocker = req("sleep_marked", str(marker), 30, timeout=1.5)
+        queued = req("write_marker", str(side_effect), "ran")
+        crashing = req("exit_now", 4)
+        fine = req("add", 2, 2)
+        for request in (blocker, queued, crashing, fine):
+            executor.submit(request, outcomes.callback(request))
+        await wait_for_file(marker)
+        assert await executor.cancel(queued.task_id, 1)
+        assert (await outcomes.wait(queued)).error_type == "Cancelled"
+        assert (await outcomes.wait(blocker)).error_type == "TaskTimeout"
+        assert (await outcomes.wait(crashing)).error_type == "WorkerCrashed"
+        assert (await outcomes.wait(fine)).value_json == "4"
+        assert not side_effect.exists()
+        running = req("sleep_for", 5)
+        executor.submit(running, outcomes.callback(running))
+        with pytest.raises(AttemptAlreadyRunning):
+            executor.submit(running, outcomes.callback(running))
+        await executor.close()
+        assert (await outcomes.wait(running)).error_type == "ExecutorClosed"
+        late = req("add", 1, 1)
+        executor.submit(late, outcomes.callback(late))
+        assert (await outcomes.wait(late)).error_type == "ExecutorClosed"
+        assert executor.running == 0
+        await asyncio.sleep(0.1)
+        assert len(outcomes.got) == 6
     finally:
         await executor.close()

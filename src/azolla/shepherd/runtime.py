@@ -23,6 +23,10 @@ are written at most every ``result_interval`` (2 ms): the first outcome after a 
 goes out at once, later ones wait at most that long and share a message (each stream write
 costs the shepherd, and the orchestrator's reader, far more than a result in it).
 
+**No task per attempt when the executor can avoid it.** An executor with a
+``submit(request, done)`` method (the pool) is given each attempt with an outcome callback;
+others are awaited in one task per attempt.
+
 **Acks are lazy.** An attempt still running ``ack_delay`` (50 ms) after it started is
 acknowledged, in one ``AckBatch`` with every other attempt that crossed the mark; attempts
 that finish sooner are only reported. The ack moves the attempt from *assigned* to
@@ -71,7 +75,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -339,6 +343,11 @@ class ShepherdRuntime:
         self._stopper: asyncio.Task[None] | None = None
         self._drain_deadline: float | None = None
         self._deadline_changed = asyncio.Event()
+        # An executor that can start an attempt with an outcome callback (the pool) saves a
+        # task per attempt; others are awaited in a task each.
+        submit = getattr(executor, "submit", None)
+        self._submit: Callable[[ExecutionRequest, Callable[[ExecutionOutcome], None]],
+                               None] | None = submit if callable(submit) else None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -432,6 +441,10 @@ class ShepherdRuntime:
             for attempt in list(self._running.values()):
                 if attempt.task is not None:
                     attempt.task.cancel()
+                else:  # submitted: forget it (its outcome, if it ever comes, is dropped)
+                    del self._running[attempt.key]
+            if not self._running:
+                self._idle.set()
         self._final = True
         self._wake.set()
         self._retry_now.set()
@@ -648,7 +661,16 @@ class ShepherdRuntime:
         self._running[attempt.key] = attempt
         self._idle.clear()
         self.stats["attempts_started"] += 1
-        attempt.task = asyncio.create_task(self._execute(attempt))
+        submit = self._submit
+        if submit is None:
+            attempt.task = asyncio.create_task(self._execute(attempt))
+        else:
+            try:
+                submit(request, lambda outcome: self._completed(attempt, outcome))
+            except Exception as exc:
+                log.exception("the executor failed on %s attempt %d", *attempt.key)
+                asyncio.get_running_loop().call_soon(
+                    self._completed, attempt, self._executor_failed(request, exc))
         was_empty = not self._ack_queue
         self._ack_queue.append((now + self.config.ack_delay, attempt.key))
         if was_empty:
@@ -661,6 +683,13 @@ class ShepherdRuntime:
             _, request = self._queued.popitem(last=False)
             self._start(request, now)
 
+    @staticmethod
+    def _executor_failed(request: ExecutionRequest, exc: Exception) -> ExecutionOutcome:
+        return ExecutionOutcome(
+            task_id=request.task_id, attempt=request.attempt, ok=False,
+            error_type=SHEPHERD_ERROR, error_message=f"the shepherd's executor failed: "
+            f"{type(exc).__name__}: {exc}", retriable=True)
+
     async def _execute(self, attempt: _Attempt) -> None:
         request = attempt.request
         try:
@@ -670,22 +699,32 @@ class ShepherdRuntime:
                 raise
             except Exception as exc:
                 log.exception("the executor failed on %s attempt %d", *attempt.key)
-                outcome = ExecutionOutcome(
-                    task_id=request.task_id, attempt=request.attempt, ok=False,
-                    error_type=SHEPHERD_ERROR, error_message=f"the shepherd's executor failed: "
-                    f"{type(exc).__name__}: {exc}", retriable=True)
+                outcome = self._executor_failed(request, exc)
         finally:
-            if self._running.get(attempt.key) is attempt:
-                del self._running[attempt.key]
-            self._start_queued()
-            if not self._running and not self._queued:
-                self._idle.set()
-                if self._final:
-                    self._wake.set()  # the writer may now close the stream
+            self._ended(attempt)
         if attempt.discard:
             self.stats["results_discarded"] += 1
             return
         self._deliver(attempt.key, outcome)
+
+    def _completed(self, attempt: _Attempt, outcome: ExecutionOutcome) -> None:
+        """The outcome of an attempt started with the executor's ``submit``."""
+        self._ended(attempt)
+        if attempt.discard:
+            self.stats["results_discarded"] += 1
+            return
+        self._deliver(attempt.key, outcome)
+
+    def _ended(self, attempt: _Attempt) -> None:
+        if self._running.get(attempt.key) is attempt:
+            del self._running[attempt.key]
+        elif self._submit is not None:
+            attempt.discard = True  # given up on (drain timeout): not ours to report
+        self._start_queued()
+        if not self._running and not self._queued:
+            self._idle.set()
+            if self._final:
+                self._wake.set()  # the writer may now close the stream
 
     def _deliver(self, key: AttemptKey, outcome: ExecutionOutcome) -> None:
         result = result_from_outcome(outcome)

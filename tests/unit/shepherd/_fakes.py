@@ -245,3 +245,28 @@ class ScriptedExecutor:
         self.closed = True
         for flag in self._cancel_flags.values():
             flag.set()
+
+
+@dataclass
+class SubmittingExecutor(ScriptedExecutor):
+    """:class:`ScriptedExecutor` with the pool's ``submit``: an outcome callback, no awaiting.
+
+    ``submit_error``, when set, is raised by ``submit`` itself (an executor bug).
+    """
+
+    submit_error: Exception | None = None
+    _tasks: set[asyncio.Task[ExecutionOutcome]] = field(default_factory=set)
+
+    def submit(self, request: ExecutionRequest,
+               done: Callable[[ExecutionOutcome], None]) -> None:
+        if self.submit_error is not None:
+            raise self.submit_error
+        task = asyncio.ensure_future(self.execute(request))
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task[ExecutionOutcome]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is None:
+                done(t.result())
+
+        task.add_done_callback(finished)

@@ -13,7 +13,7 @@ from azolla.adapters.grpc.pb import orchestrator_pb2 as opb
 from azolla.shepherd import runtime as runtime_module
 from azolla.shepherd.runtime import Backoff, RuntimeConfig, RuntimeState, ShepherdRuntime
 
-from ._fakes import FakeConnector, FakeLink, ScriptedExecutor, task
+from ._fakes import FakeConnector, FakeLink, ScriptedExecutor, SubmittingExecutor, task
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -28,9 +28,10 @@ def config(**overrides: object) -> RuntimeConfig:
     return RuntimeConfig(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def executor() -> ScriptedExecutor:
-    return ScriptedExecutor()
+@pytest.fixture(params=["execute", "submit"])
+def executor(request: pytest.FixtureRequest) -> ScriptedExecutor:
+    # Every runtime test runs against an awaited executor and one with the pool's submit().
+    return ScriptedExecutor() if request.param == "execute" else SubmittingExecutor()
 
 
 @pytest.fixture
@@ -370,6 +371,8 @@ async def test_executor_failure_is_reported_as_a_retriable_shepherd_error(
         raise RuntimeError("executor bug")
 
     executor.on_start = explode
+    if isinstance(executor, SubmittingExecutor):
+        executor.submit_error = RuntimeError("executor bug")
     rt = ShepherdRuntime(executor, connector, config())
     await rt.start()
     try:

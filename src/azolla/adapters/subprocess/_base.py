@@ -50,6 +50,7 @@ class Attempt:
     """One attempt in flight."""
 
     __slots__ = (
+        "done",
         "event",
         "frame",
         "in_heap",
@@ -79,11 +80,17 @@ class Attempt:
         self.in_heap = False
         self.request_frame = b""
         self.tail: OutputTail | None = None
+        #: Set for attempts started with ``submit`` (no coroutine waits for them): called
+        #: with the attempt and the event that ended it, except ``FRAME``, which the
+        #: executor handles where the frame is read.
+        self.done: Callable[[Attempt, str], None] | None = None
 
     def signal(self, kind: str) -> None:
         """End the wait with ``kind`` (the first signal wins)."""
         if not self.event.done():
             self.event.set_result(kind)
+            if self.done is not None and kind != FRAME:
+                self.done(self, kind)
 
     def on_frame(self, frame: bytes) -> None:
         """Record the result frame."""
