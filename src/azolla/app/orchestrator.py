@@ -292,6 +292,56 @@ def _fail(future: asyncio.Future[Any] | None, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Wakeup:
+    """The flag the decision loop sleeps on, with an optional deadline.
+
+    ``asyncio.wait_for(event.wait(), timeout)`` makes a Task, two futures and a timer per
+    sleep, and the loop sleeps twice per lone request (for the request, then for its commit);
+    this makes one future (and a timer only when a deadline is due).
+    """
+
+    __slots__ = ("_flag", "_waiter")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        """Raise the flag and wake the sleeper, if any."""
+        self._flag = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Lower the flag."""
+        self._flag = False
+
+    def is_set(self) -> bool:
+        """Whether the flag is up."""
+        return self._flag
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Sleep until the flag is raised (True) or ``timeout`` seconds pass (False)."""
+        if self._flag:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _release, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self._flag
+
+
 class Orchestrator:
     """Azolla's orchestrator core, independent of any transport.
 
@@ -329,7 +379,7 @@ class Orchestrator:
         self._pending_loads: set[UUID] = set()
         self._next_session = 1
         self._inbox: deque[_Command] = deque()
-        self._wake = asyncio.Event()
+        self._wake = _Wakeup()
         self._dispatch_wanted = False
         self._waiters: dict[UUID, list[asyncio.Future[TaskOutcome]]] = {}
         self._watchers: dict[UUID, list[Callable[[TaskRecord], None]]] = {}
@@ -719,11 +769,8 @@ class Orchestrator:
                 self._wake.clear()
                 if inflight is None:
                     self._quiet.set()
-                if not self._inbox:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), delay)
-                    except TimeoutError:  # a timer, lease or heartbeat deadline is due
-                        self._dispatch_wanted = True
+                if not self._inbox and not await self._wake.wait(delay):
+                    self._dispatch_wanted = True  # a timer, lease or heartbeat deadline is due
                 continue
             if self._stopping and not self._inbox and inflight is None:
                 return
