@@ -427,7 +427,7 @@ class PoolExecutor(ForkingExecutorBase):
         idle = self._idle
         while idle:
             worker = idle.pop()
-            if not worker.dead and not worker.queue:
+            if not worker.dead and not worker.gone and not worker.queue:
                 return worker
         room = self._room
         while room:
@@ -617,7 +617,7 @@ class PoolExecutor(ForkingExecutorBase):
             attempt = pending.popleft()
             if not attempt.finished:
                 self._push(worker, attempt)
-        if worker.dead:
+        if worker.dead or worker.gone:
             return
         if not worker.queue:
             self._idle.append(worker)
@@ -630,7 +630,7 @@ class PoolExecutor(ForkingExecutorBase):
             worker = None
             while self._idle:
                 candidate = self._idle.pop()
-                if not candidate.dead and not candidate.queue:
+                if not candidate.dead and not candidate.gone and not candidate.queue:
                     worker = candidate
                     break
             if worker is None:
