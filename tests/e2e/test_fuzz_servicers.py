@@ -453,6 +453,18 @@ class _Session:
         return self.ended or (grpc.StatusCode.CANCELLED, "cancelled by the test")
 
 
+def _draw_step(data: st.DataObject) -> tuple[Any, ...]:
+    """One step of a shepherd session: the same draws whatever the server does."""
+    return (data.draw(st.sampled_from(ACTIONS), label="action"),
+            data.draw(st.integers(0, 2**16), label="which pushed task"),
+            data.draw(st.sampled_from([0, 0, 0, -1, 1, "zero"]), label="attempt"),
+            data.draw(messages(pbo.ClientMsg.DESCRIPTOR), label="arbitrary message"),
+            data.draw(st.lists(messages(pbc.AnyValue.DESCRIPTOR), min_size=2, max_size=2),
+                      label="values"),
+            data.draw(st.lists(messages(pbc.ErrorResult.DESCRIPTOR), min_size=2, max_size=2),
+                      label="errors"))
+
+
 async def _shepherd_session(srv: RunningServer, data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(0, 3), label="new tasks")):
         request = data.draw(st.builds(pbo.CreateTaskRequest, name=st.sampled_from(["a", "b"]),
@@ -470,6 +482,11 @@ async def _shepherd_session(srv: RunningServer, data: st.DataObject) -> None:
     first = data.draw(st.one_of(hello.map(lambda h: pbo.ClientMsg(hello=h)),
                                 hello.map(lambda h: pbo.ClientMsg(hello=h)),
                                 messages(pbo.ClientMsg.DESCRIPTOR)), label="first message")
+    # Everything is drawn before the server says anything, so that the shape of the drawn
+    # data never depends on the server (whether it refused the Hello, what it pushed):
+    # Hypothesis replays the draws when shrinking and refuses data that changed shape.
+    steps = [_draw_step(data) for _ in range(data.draw(st.integers(0, 8), label="steps"))]
+    clean_end = data.draw(st.booleans(), label="clean end")
     session = _Session(srv)
     await session.send(first)
     # As a shepherd does, wait for the HelloAck (or the refusal) before saying more: writing
@@ -483,17 +500,7 @@ async def _shepherd_session(srv: RunningServer, data: st.DataObject) -> None:
         assert_well_formed(code, details, f"ClusterService.Stream refusing {first}")
         assert code != grpc.StatusCode.OK or first.WhichOneof("kind") == "hello", first
         return
-    for _ in range(data.draw(st.integers(0, 8), label="steps")):
-        # Every step draws the same things whatever the server pushed, so that the shape of
-        # the drawn data never depends on the server (Hypothesis replays it when shrinking).
-        action = data.draw(st.sampled_from(ACTIONS), label="action")
-        pick = data.draw(st.integers(0, 2**16), label="which pushed task")
-        offset = data.draw(st.sampled_from([0, 0, 0, -1, 1, "zero"]), label="attempt")
-        arbitrary = data.draw(messages(pbo.ClientMsg.DESCRIPTOR), label="arbitrary message")
-        values = data.draw(st.lists(messages(pbc.AnyValue.DESCRIPTOR), min_size=2, max_size=2),
-                           label="values")
-        errors = data.draw(st.lists(messages(pbc.ErrorResult.DESCRIPTOR), min_size=2,
-                                    max_size=2), label="errors")
+    for action, pick, offset, arbitrary, values, errors in steps:
         await asyncio.sleep(0.005)  # let pushed tasks arrive
         if action == "pause":
             await asyncio.sleep(0.03)
@@ -522,7 +529,7 @@ async def _shepherd_session(srv: RunningServer, data: st.DataObject) -> None:
                 task_results=pbo.TaskResultBatch(results=results)))
         else:
             await session.send(pbo.ClientMsg(task_result=results[0]))
-    code, details = await session.finish(clean=data.draw(st.booleans(), label="clean end"))
+    code, details = await session.finish(clean=clean_end)
     event(f"session ended: {code.name} {details[:60]}")
     if (code, details) == (grpc.StatusCode.INTERNAL, CLIENT_WRITE_RACE):
         return  # the client wrote into a stream the server had ended (see CLIENT_WRITE_RACE)
