@@ -37,11 +37,12 @@ a VM), so two things are done once in the fork server instead of in every worker
   ``threading``'s alone rebuilds its thread table and locks and writes ~120 pages per worker.
   Those hooks repair the state of *other* threads (locks they held, thread objects). When the
   fork server has a single thread and the only hooks registered are the standard library's
-  (``threading``, ``logging``, ``concurrent.futures``: locks; ``random``: reseed), the worker is
-  forked with libc's ``fork()`` (the GIL held, so the interpreter's state is copied exactly as
-  ``os.fork()`` copies it) and only ``random`` is reseeded. Anything else (a second thread, a hook
-  some task module registered, a Python other than CPython 3.11-3.12 with the GIL, for which
-  this equivalence was not checked) and every fork is a plain ``os.fork()``.
+  (``threading``, ``logging``, ``concurrent.futures``: locks; ``random``: reseed), the worker
+  is forked with libc's ``fork()`` (the GIL held, so the interpreter's state is copied as
+  ``os.fork()`` copies it) and only ``random`` is reseeded (on 3.11 ``threading``'s hook does
+  not update the main thread's ``native_id`` either). Anything else (a second thread, a hook
+  some task module registered, a Python other than CPython 3.11 with the GIL, for which this
+  equivalence was not checked) and every fork is a plain ``os.fork()``.
 * **A warm-up**: the attempt path (decoding a request, binding arguments, running a task,
   encoding its result) runs a few times with a private no-op task before the first fork, so that
   CPython's specialised bytecode and type-attribute cache are built once in the fork server rather
@@ -177,9 +178,9 @@ class Forker:
     def _check(self) -> str:
         if sys.platform != "linux" or sys.implementation.name != "cpython":
             return f"not CPython on Linux ({sys.implementation.name} on {sys.platform})"
-        if not (3, 11) <= sys.version_info[:2] <= (3, 12) or not _gil_enabled():
-            # What os.fork() does besides the hooks was checked for these versions only (3.13
-            # renamed logging's hooks anyway); free-threaded builds always take os.fork().
+        if sys.version_info[:2] != (3, 11) or not _gil_enabled():
+            # What os.fork() does besides the hooks was checked for 3.11 only (3.12 registers
+            # an asyncio hook, 3.13 renamed logging's); free-threaded builds take os.fork().
             return f"not checked for this Python ({sys.version.split()[0]})"
         if not _single_threaded():
             return "the fork server has more than one thread"
@@ -205,7 +206,7 @@ class Forker:
                 if lists[2] is hooks and any(hook == known for known in rerun):
                     wanted.append(hook)
                     continue
-                return f"an at-fork hook was registered by a task module: {hook!r}"
+                return f"an at-fork hook it does not know is registered: {hook!r}"
         try:
             import ctypes
 
