@@ -19,7 +19,11 @@ import asyncpg
 import pytest
 
 from azolla.adapters.postgres.cluster import LocalCluster, PostgresCluster
-from azolla.adapters.postgres.event_store import APPEND_LOCK_KEY, PostgresEventStore
+from azolla.adapters.postgres.event_store import (
+    APPEND_LOCK_KEY,
+    PostgresEventStore,
+    _packable,
+)
 from azolla.adapters.postgres.migrations import (
     Migration,
     MigrationError,
@@ -115,15 +119,37 @@ async def test_batches_round_trip_every_field_whatever_the_texts(
     strange[1:] = [new_event(uuid.uuid4(), e.version, type=e.type, domain=e.domain,
                              partition_day=e.partition_day, terminal=e.terminal,
                              payload=e.payload) for e in strange[1:]]
+    used: list[str] = []
+
+    class Spy:
+        def __init__(self, name: str, statement: Any) -> None:
+            self.name, self.statement = name, statement
+
+        async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
+            used.append(self.name)
+            return await self.statement.fetchrow(*args, **kwargs)
+
     async with opened(fresh_database_url) as store:
+        lane = store._lanes[0]
+        lane.insert = Spy("packed", lane.insert)
+        lane.insert_arrays = Spy("arrays", lane.insert_arrays)
         positions = await store.append(plain) + await store.append(strange)
         stored = await store.read_all(0, 100)
+    assert used == ["packed", "arrays"]
     assert [e.position for e in stored] == positions
     for given, got in zip([*plain, *strange], stored, strict=True):
         assert (got.stream_id, got.version, got.type, got.payload, got.domain,
                 got.partition_day, got.terminal) == (
             given.stream_id, given.version, given.type, given.payload, given.domain,
             given.partition_day, given.terminal)
+
+
+def test_packable_is_true_only_when_the_texts_split_back() -> None:
+    assert _packable(["a"], "a")
+    assert _packable(["a", "b c", "ü"], "a\x1fb c\x1fü")
+    assert not _packable(["a\x1fb"], "a\x1fb")
+    assert not _packable([""], "")
+    assert not _packable(["a", ""], "a\x1f")
 
 
 # ------------------------------------------------------------------------------------------------
