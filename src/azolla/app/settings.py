@@ -394,7 +394,7 @@ def _one_line(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown setting"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(
-                err["input"], dict):
+                err["input"], dict) and err["loc"][:1] != ("auth",):  # auth may hold tokens
             shown = repr(err["input"])
             if where == "database_url":
                 shown = repr(redact_url(str(err["input"])))

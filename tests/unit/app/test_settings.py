@@ -209,6 +209,18 @@ def test_bad_tokens(tmp_path: Path, table: str, fragment: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("tokens", ['["supersecrettoken-xyz"]',
+                                    '[{"name": "x", "token": "supersecrettoken-xyz"}]',
+                                    '[{"name": "x", "domains": ["*"], "token": 12345678901}]'])
+def test_auth_errors_never_echo_a_token(tokens: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZOLLA_AUTH", '{"tokens": ' + tokens + "}")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "supersecrettoken" not in str(info.value)
+    assert "12345678901" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_the_same_token_twice_is_refused(tmp_path: Path) -> None:
     entry = '[[auth.tokens]]\nname = "{}"\ndomains = ["*"]\ntoken = "a-long-development-token"\n'
     with pytest.raises(SettingsError, match="same token twice"):
