@@ -406,3 +406,33 @@ async def test_submitted_attempts_report_every_kind_of_outcome_once(tmp_path: Pa
         assert len(outcomes.got) == 6
     finally:
         await executor.close()
+
+
+async def test_a_revocation_that_comes_too_late_is_handled(tmp_path: Path) -> None:
+    # The worker finishes the first attempt and starts the queued one while the event loop is
+    # blocked; the cancel then revokes a request that is already running. It is reported once
+    # (Cancelled), and the worker's late answer to it is dropped or the worker replaced.
+    executor = make(size=1, prefetch=1, revoke_after=0.2)
+    try:
+        await executor.start()
+        marker = tmp_path / "started"
+        first = asyncio.ensure_future(executor.execute(req("add", 1, 1)))
+        late = req("sleep_marked", str(marker), 0.5)
+        queued = asyncio.ensure_future(executor.execute(late))
+        await asyncio.sleep(0)  # both requests are written into the one worker's pipe
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            # Deliberately blocking: the shepherd reads no result meanwhile.
+            time.sleep(0.01)  # noqa: ASYNC251
+        assert marker.exists()
+        assert await executor.cancel(late.task_id, 1)
+        assert (await asyncio.wait_for(queued, 10)).error_type == "Cancelled"
+        assert (await asyncio.wait_for(first, 10)).value_json == "2"
+        after = await asyncio.wait_for(executor.execute(req("add", 2, 2)), 10)
+        assert after.value_json == "4"
+        assert executor.running == 0
+        # Revoked (the worker's answer dropped; the worker, still on it, replaced) or, when
+        # the first result was read before the cancel, stopped as the running attempt.
+        assert executor.workers_started == 2
+    finally:
+        await executor.close()
