@@ -201,8 +201,10 @@ async def bench_runtime(total: int, concurrency: int, batch: int,
     if executor_kind == "pool":
         from azolla.adapters.subprocess import PoolExecutor
 
-        executor = PoolExecutor([TASKS], size=concurrency, prefetch=prefetch,
-                                sys_path=[str(ROOT), *sys.path])
+        # Without prefetch the argument is left out, so older trees can be measured too.
+        extra: dict[str, Any] = {"prefetch": prefetch} if prefetch else {}
+        executor = PoolExecutor([TASKS], size=concurrency, sys_path=[str(ROOT), *sys.path],
+                                **extra)
         await executor.start()
         slots = concurrency * (1 + prefetch)
     link = _Link(total, slots, batch)
