@@ -256,6 +256,11 @@ async def wait_serving(endpoint: str, proc: Proc | None = None, timeout: float =
 
 # -- shepherds ------------------------------------------------------------------------------
 
+#: Extra ``azolla-shepherd`` options of the pool shepherds that the throughput and latency
+#: phases run: prefetch (off by default; see docs/shepherd.md) pays for many short tasks.
+POOL_BENCH_OPTIONS = ("--prefetch", "1")
+
+
 def shepherd_argv(endpoint: str, mode: str, concurrency: int, domain: str,
                   extra: Sequence[str] = ()) -> list[str]:
     return [str(VENV_BIN / "azolla-shepherd"), "--orchestrator", endpoint,

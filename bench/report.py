@@ -534,7 +534,9 @@ METHOD = """\
 * One private PostgreSQL cluster (initdb in `/tmp/azbench/pg`, settings above: the peers'
   settings plus fsync, synchronous_commit and full_page_writes on) serves every library; each
   library has its own database. Azolla: `azolla-server --database-url ...` and
-  `azolla-shepherd --mode pool|process --tasks bench.tasks_noop` subprocesses.
+  `azolla-shepherd --mode pool|process --tasks bench.tasks_noop` subprocesses (pool
+  shepherds with `--prefetch 1`, which is off by default; the recovery phases use the
+  defaults).
 * Phases per library (`bench/peers/common.py`): sequential single submits on one client
   (per-call latency percentiles); batch submit, 1,000 per call; single submits from many
   coroutines of one process (Azolla's SDK coalesces them into `CreateTasks` batches; the peers

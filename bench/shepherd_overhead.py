@@ -303,7 +303,8 @@ async def bench_system(mode: str, sequential: int, burst: int, concurrency: int,
     try:
         await _infra.wait_serving(endpoint, server)
         shepherd = _infra.Proc("azolla-shepherd", [
-            *_infra.shepherd_argv(endpoint, mode, concurrency, "default"),
+            *_infra.shepherd_argv(endpoint, mode, concurrency, "default",
+                                  _infra.POOL_BENCH_OPTIONS if mode == "pool" else ()),
             "--log-level", "info"], log_dir / f"shepherd-{mode}.log")
         await _infra.wait_shepherds(endpoint, "default", 1, [shepherd])
         async with Client.connect(endpoint) as client:

@@ -385,7 +385,8 @@ async def profile_peak(endpoint: str, server_pid: int, dsn: str, log_dir: Path, 
     domain = f"profile-{int(time.time())}"
     files = _profile_files(out_dir)
     shepherd = _infra.start_shepherd(endpoint, mode, concurrency, domain, log_dir,
-                                     name="profile-shepherd")
+                                     name="profile-shepherd",
+                                     extra=_infra.POOL_BENCH_OPTIONS if mode == "pool" else ())
     spies: list[_infra.Proc] = []
     submitted = 0
     try:

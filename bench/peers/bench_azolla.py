@@ -106,7 +106,8 @@ class AzollaPeer:
 
     @staticmethod
     def worker_settings(conc: int) -> dict:
-        return {"shepherd": f"azolla-shepherd --mode {MODE} --concurrency {conc}",
+        options = " ".join(_infra.POOL_BENCH_OPTIONS) if MODE == "pool" else ""
+        return {"shepherd": f"azolla-shepherd --mode {MODE} --concurrency {conc} {options}".strip(),
                 "mode": MODE, "tasks": "bench.tasks_noop (noop, a plain def)",
                 "dispatch": "pushed over one ClusterService stream per shepherd"}
 
@@ -240,7 +241,8 @@ class AzollaPeer:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         shepherd = _infra.start_shepherd(
             state["endpoint"], MODE, conc, state["domain"], log_dir,
-            name=f"shepherd-{os.getpid()}", die_with_parent=True)
+            name=f"shepherd-{os.getpid()}", die_with_parent=True,
+            extra=_infra.POOL_BENCH_OPTIONS if MODE == "pool" else ())
         pid_file = _note_pid(shepherd)
         try:
             await _infra.wait_shepherds(state["endpoint"], state["domain"], 1, [shepherd],

@@ -118,7 +118,8 @@ class ShepherdSettings(BaseSettings):
         prefetch: In pool mode, attempts queued in a busy worker's pipe behind the one it runs,
             so that it goes on without waiting; the shepherd then offers the orchestrator
             ``concurrency * (1 + prefetch)`` slots while running ``concurrency`` attempts at
-            once (0: one attempt per worker).
+            once (0, the default: one attempt per worker; see docs/shepherd.md for when 1
+            pays).
         allow_env: Environment variables passed to workers although the clean-environment
             rule would drop them (comma separated in ``AZOLLA_ALLOW_ENV``).
         log_format: ``console``, ``json``, or ``auto`` (console on a terminal, else JSON).
@@ -155,7 +156,7 @@ class ShepherdSettings(BaseSettings):
     open_files: int | None = Field(default=1024, ge=16)
     kill_grace: float = Field(default=2.0, ge=0.0, le=600.0)
     max_attempts_per_worker: int | None = Field(default=None, ge=1)
-    prefetch: int = Field(default=1, ge=0, le=16)
+    prefetch: int = Field(default=0, ge=0, le=16)
     allow_env: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: str = "INFO"

@@ -73,11 +73,11 @@ def test_runtime_config_from_settings() -> None:
 
 def test_pool_mode_offers_slots_for_the_attempts_queued_in_workers_pipes() -> None:
     pool = load_settings({"concurrency": 4, "mode": "pool"}, use_environment=False)
-    assert pool.prefetch == 1
-    assert runtime_config(pool).concurrency == 8
-    no_prefetch = load_settings({"concurrency": 4, "mode": "pool", "prefetch": 0},
-                                use_environment=False)
-    assert runtime_config(no_prefetch).concurrency == 4
+    assert pool.prefetch == 0  # off by default: a queued attempt's lease runs while it waits
+    assert runtime_config(pool).concurrency == 4
+    prefetch = load_settings({"concurrency": 4, "mode": "pool", "prefetch": 1},
+                             use_environment=False)
+    assert runtime_config(prefetch).concurrency == 8
     deeper = load_settings({"concurrency": 4, "mode": "pool", "prefetch": 2},
                            use_environment=False)
     assert runtime_config(deeper).concurrency == 12

@@ -139,7 +139,7 @@ class PoolExecutor(ForkingExecutorBase):
         *,
         size: int = 4,
         max_attempts_per_worker: int | None = None,
-        prefetch: int = 1,
+        prefetch: int = 0,
         revoke_after: float = 0.05,
         limits: ResourceLimits | None = None,
         default_timeout: float | None = None,
@@ -194,6 +194,7 @@ class PoolExecutor(ForkingExecutorBase):
         #: Live attempts queued in pipes behind a running one.
         self._queued = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
         self._spawning = 0
         self._start_error: str | None = None
         self._wake: asyncio.Event | None = None
@@ -313,7 +314,9 @@ class PoolExecutor(ForkingExecutorBase):
 
     def _on_submitted_signal(self, attempt: Attempt, kind: str) -> None:
         """A submitted attempt ended without a result frame (timeout, cancel, death...)."""
-        asyncio.get_running_loop().create_task(self._finish_submitted(attempt, kind))
+        task = asyncio.get_running_loop().create_task(self._finish_submitted(attempt, kind))
+        self._finishing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._finishing.discard)
 
     async def _finish_submitted(self, attempt: Attempt, kind: str) -> None:
         try:
@@ -389,12 +392,13 @@ class PoolExecutor(ForkingExecutorBase):
             self._started(worker, entry)
         else:
             self._queued += 1
-            if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().call_later(
-                    self.revoke_after, self._sweep
-                )
+            self._arm_sweeper()
         if len(queue) < self._depth and self._has_room(worker):
             self._offer(worker)
+
+    def _arm_sweeper(self) -> None:
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(self.revoke_after, self._sweep)
 
     def _started(self, worker: _PoolWorker, entry: _Entry) -> None:
         """``entry`` became the request ``worker`` runs."""
@@ -510,8 +514,11 @@ class PoolExecutor(ForkingExecutorBase):
         if taken:
             self._pending.extendleft(reversed(taken))
             self._dispatch()
-        if self._queued > 0 and not self._closed:
-            self._sweeper = asyncio.get_running_loop().call_later(self.revoke_after, self._sweep)
+        if self._queued > 0 or any(
+                worker.queue and worker.queue[0].attempt is None for worker in self._workers):
+            # Queued attempts to take back, or revoked requests a worker may be running (it
+            # started them before the revoke reached it): look again later.
+            self._arm_sweeper()
 
     # -- worker events (event-loop callbacks) ----------------------------------------------
 
@@ -556,6 +563,8 @@ class PoolExecutor(ForkingExecutorBase):
             entry = queue[0]
             if entry.attempt is not None:
                 self._queued -= 1
+            else:
+                self._arm_sweeper()  # a revoked request: stop the worker if it runs it anyway
             self._started(worker, entry)
         if worker.dead or worker.gone:
             return  # being stopped, or drained after its death (see _on_worker_gone)
