@@ -94,6 +94,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     add("--memory-limit", metavar="SIZE",
         help="address-space limit per worker process, e.g. 512M or 2G (default: none)")
     add("--cpu-limit", type=int, metavar="S", help="CPU seconds per attempt (default: none)")
+    add("--prefetch", type=int, metavar="N",
+        help="pool mode: attempts queued in a busy worker's pipe (default 0; 1 pays for many "
+             "short tasks, see docs/shepherd.md)")
     add("--ca-file", metavar="FILE", help="PEM certificate authorities for https")
     add("--cert-file", metavar="FILE",
         help="PEM client certificate, for an orchestrator that requires mutual TLS")
@@ -111,8 +114,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("orchestrator", "tasks", "domain", "group", "concurrency", "mode",
              "worker_command", "worker_stdin", "drain_timeout", "task_timeout", "memory_limit",
-             "cpu_limit", "ca_file", "cert_file", "key_file", "token_file", "log_format",
-             "log_level")
+             "cpu_limit", "prefetch", "ca_file", "cert_file", "key_file", "token_file",
+             "log_format", "log_level")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -94,6 +94,10 @@ def test_the_cli_needs_something_to_run() -> None:
     settings, sources = configure(["--tasks", "a.b", "--tasks", "c", "--mode", "pool"])
     assert sources.modules == ("a.b", "c")
     assert settings.mode.value == "pool"
+    assert settings.prefetch == 0
+    settings, _ = configure(["--tasks", "a", "--mode", "pool", "--prefetch", "1"])
+    assert settings.prefetch == 1
+    assert runtime_config(settings).concurrency == 2 * settings.concurrency
     settings, sources = configure(["--tasks", "a", "--worker-command", "azolla-worker -v"])
     assert settings.worker_argv == ["azolla-worker", "-v"]
     assert settings.task_via_stdin  # azolla-worker reads the task from stdin
