@@ -995,7 +995,7 @@ class Orchestrator:
                 if keep is None or task_id not in keep.touched_tasks:
                     self._tasks.pop(task_id, None)
                 for attempt in record.attempts:
-                    attempt_id = attempt_stream_id(task_id, attempt.number)
+                    attempt_id = attempt.stream_id or attempt_stream_id(task_id, attempt.number)
                     if keep is None or attempt_id not in keep.touched_attempts:
                         self._attempts.pop(attempt_id, None)
                 self._finish(record)

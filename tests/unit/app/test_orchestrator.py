@@ -508,6 +508,8 @@ async def test_outcomes_of_forgotten_tasks_are_read_from_the_log(
     for r in results:
         await o.wait("default", r.task_id, 5)
     assert results[0].task_id not in o.taskset.tasks
+    # The forgotten tasks' attempts left the attempt index too (one attempt per kept task).
+    assert len(o.taskset.attempt_task) == len(o.taskset.tasks) == 2
     outcome = await o.wait("default", results[0].task_id, 0)
     assert outcome is not None
     assert outcome.result == "0"

@@ -43,6 +43,8 @@ class AttemptRecord:
     ended_at: float | None = None
     error: dict[str, Any] | None = None
     lease_deadline: float | None = None
+    #: The attempt's stream id, once its assignment is applied (saves re-deriving it).
+    stream_id: UUID | None = None
 
 
 @dataclass(slots=True)
@@ -186,7 +188,8 @@ class TaskSet:
             forgotten = self.tasks.pop(old, None)
             if forgotten is not None:
                 for attempt in forgotten.attempts:
-                    self.attempt_task.pop(_attempt_key(forgotten, attempt.number), None)
+                    self.attempt_task.pop(
+                        attempt.stream_id or _attempt_key(forgotten, attempt.number), None)
 
     def _on_succeeded(self, position: int, sid: UUID, version: int, p: dict[str, Any]) -> None:
         self._on_terminal(TaskState.SUCCEEDED, sid, version, p)
@@ -217,6 +220,7 @@ class TaskSet:
         if found is None:
             return
         _, attempt = found
+        attempt.stream_id = sid
         attempt.lease_deadline = p["lease_deadline"]
         if p["lease_deadline"] is not None:
             heapq.heappush(self._leases, (p["lease_deadline"], task_id, p["number"]))
