@@ -180,6 +180,30 @@ async def test_a_caller_that_stops_waiting_kills_the_attempt(tmp_path: Path) -> 
         await executor.close()
 
 
+async def test_a_caller_that_stops_waiting_while_its_worker_is_forked_kills_it(
+        tmp_path: Path) -> None:
+    # The request is in the worker's pipe before the fork, so the task may run before the fork
+    # server's "spawned" message is read: cancel the caller in that window (the event loop is
+    # blocked while the task starts, so the message waits) and the worker must still die.
+    executor = make()
+    try:
+        await executor.start()
+        marker = tmp_path / "running"
+        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
+        await asyncio.sleep(0)  # the spawn request is sent
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # noqa: ASYNC251  (deliberately blocking: "spawned" is not read)
+        victim = int(marker.read_text())
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert await wait_gone(victim)
+        assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+    finally:
+        await executor.close()
+
+
 # -- how workers are forked --------------------------------------------------------------------
 
 FORK_STATE_TASKS = """

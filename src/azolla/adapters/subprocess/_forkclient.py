@@ -523,9 +523,11 @@ class ForkServerClient:
             if entry is not None:
                 future, child = entry
                 child.pid = message["pid"]
+                if future.done():  # the caller gave up while the worker was being forked
+                    signal_group(child.pid, signal.SIGKILL)  # its exit report is ignored
+                    return
                 self._children[child.pid] = child
-                if not future.done():
-                    future.set_result(child.pid)
+                future.set_result(child.pid)
         elif op == "spawn_failed":
             entry = self._spawns.pop(message["id"], None)
             if entry is not None and not entry[0].done():
@@ -618,10 +620,12 @@ class ForkServerClient:
         try:
             await future
         except BaseException:
-            self._spawns.pop(spawn_id, None)
             if child.pid:
+                self._spawns.pop(spawn_id, None)
                 self._children.pop(child.pid, None)
                 child.kill(signal.SIGKILL)
+            # Otherwise the entry stays: the worker may already run the request written into
+            # its pipe, and the "spawned" message that names it kills it (see _dispatch).
             child.close()
             raise
         child.start_reading()
