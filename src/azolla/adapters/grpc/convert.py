@@ -44,7 +44,7 @@ from azolla.app.model import (
 from azolla.domain.errors import AzollaDomainError, InvalidRetryPolicy, InvalidTaskSpec
 from azolla.domain.ports import ExecutionRequest
 from azolla.domain.retry import RetryPolicy, WaitKind
-from azolla.domain.values import DEFAULT_DOMAIN, DEFAULT_GROUP, ErrorInfo, TaskState
+from azolla.domain.values import DEFAULT_DOMAIN, DEFAULT_GROUP, ErrorInfo, TaskState, uuid_text
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -117,12 +117,6 @@ class FeatureNotImplemented(AzollaDomainError):
 def with_domain(domain: str) -> str:
     """Return ``domain``, or ``"default"`` when it is empty."""
     return domain or DEFAULT_DOMAIN
-
-
-def uuid_text(value: UUID) -> str:
-    """Return ``str(value)`` (canonical, lower-case, hyphenated), about twice as fast."""
-    h = value.bytes.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def parse_task_id(text: str) -> UUID | None:
