@@ -9,11 +9,12 @@ The worker serves request frames one at a time, in order, until its request pipe
 started cannot be cleaned up). It is a child subreaper: after each attempt every process the task
 left behind (even ones that called ``setsid``) is killed, so nothing outlives its attempt. After
 its last attempt it exits at once: the fork server kills its process group before reaping it and
-kills whatever was re-parented to it (see ``_forkserver``). In pool mode the shepherd may queue
-the next request in the pipe while one runs, so the worker goes on without waiting; before it
-starts a request it already holds, it picks up whatever else arrived (one ``FIONREAD``, no
-blocking), so that a revocation of that request (an ``S`` frame, see ``_frames``) is seen in
-time: the revoked request is answered with ``S`` and not run.
+kills whatever was re-parented to it (see ``_forkserver``). It is killed when the fork server
+dies (``PR_SET_PDEATHSIG``), so no attempt runs on unseen after its fork server is gone. In
+pool mode the shepherd may queue the next request in the pipe while one runs, so the worker goes
+on without waiting; before it starts a request it already holds, it picks up whatever else
+arrived (one ``FIONREAD``, no blocking), so that a revocation of that request (an ``S`` frame,
+see ``_frames``) is seen in time: the revoked request is answered with ``S`` and not run.
 
 Cost: every page of the fork server's memory that a worker writes to (a reference count is
 enough) is copied for it, a few microseconds each on a VM. So everything that can be prepared
@@ -66,6 +67,7 @@ __all__ = ["WorkerPlan", "worker_entry"]
 
 REQUEST_FD = 3
 RESULT_FD = 4
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 #: Freed when the task hits MemoryError, so that reporting the failure has memory to work with.
 _CUSHION_BYTES = 1 << 20
@@ -129,6 +131,8 @@ class WorkerPlan:
     ) -> None:
         self.registry = registry
         self.limits = limits
+        #: The fork server's pid: a worker whose parent is no longer this process exits at once.
+        self.server_pid = os.getpid()
         self.max_result_bytes = max_result_bytes
         self.max_request_bytes = max_request_bytes
         #: ``(resource, soft, hard)`` for every limit that holds for a worker's whole life.
@@ -167,6 +171,12 @@ def worker_entry(fds: Sequence[int], plan: WorkerPlan, max_attempts: int | None)
     """
     code = EXIT_INTERNAL_ERROR
     try:
+        if plan.prctl is not None:
+            # Die with the fork server: if it dies before the shepherd learns this worker's pid,
+            # nothing else could stop the attempt. Checked after setting, so no window is left.
+            plan.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != plan.server_pid:
+            os._exit(code)
         os.setsid()
         _reset_signals()  # first: the wake-up descriptor's number is about to be reused
         _setup_fds(fds, plan)

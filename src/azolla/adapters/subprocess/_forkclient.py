@@ -22,7 +22,13 @@ from azolla.adapters.subprocess._outcomes import ExitStatus
 from azolla.adapters.subprocess._output import OutputTail
 from azolla.adapters.subprocess.limits import ResourceLimits
 
-__all__ = ["ChildProcess", "ForkServerClient", "WorkerStartError", "signal_group"]
+__all__ = [
+    "ChildProcess",
+    "ForkServerClient",
+    "WorkerLostError",
+    "WorkerStartError",
+    "signal_group",
+]
 
 _READ_CHUNK = 1 << 16
 #: The directory holding the ``azolla`` package, so the fork server finds it without PYTHONPATH.
@@ -35,6 +41,14 @@ _BOOTSTRAP = (
 
 class WorkerStartError(RuntimeError):
     """No worker process could be started (the fork server failed to start or to fork)."""
+
+
+class WorkerLostError(WorkerStartError):
+    """The fork server died while it was starting a worker, which may have begun its request.
+
+    The worker dies with the fork server, but the request written into its pipe may have run
+    in part: callers report this as a crash, not as a start that never happened.
+    """
 
 
 def signal_group(pid: int, sig: int) -> None:
@@ -564,7 +578,7 @@ class ForkServerClient:
         spawns, self._spawns = self._spawns, {}
         for future, _child in spawns.values():
             if not future.done():
-                future.set_exception(WorkerStartError("the fork server died"))
+                future.set_exception(WorkerLostError("the fork server died"))
         children, self._children = self._children, {}
         for child in children.values():
             child.kill(signal.SIGKILL)

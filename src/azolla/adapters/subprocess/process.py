@@ -10,10 +10,12 @@ exits; its output is captured. Whatever it leaves behind is killed with its grou
 from __future__ import annotations
 
 from azolla.adapters.subprocess._base import CANCEL, EXIT, ForkingExecutorBase
-from azolla.adapters.subprocess._forkclient import WorkerStartError
+from azolla.adapters.subprocess._forkclient import WorkerLostError, WorkerStartError
 from azolla.adapters.subprocess._outcomes import (
+    ExitStatus,
     cancelled_outcome,
     closed_outcome,
+    crash_outcome,
     start_failed_outcome,
 )
 from azolla.domain.ports import ExecutionOutcome, ExecutionRequest
@@ -76,6 +78,8 @@ class ProcessExecutor(ForkingExecutorBase):
                 return oversized
             try:
                 child = await self._forkserver.spawn(max_attempts=1, request=frame)
+            except WorkerLostError as exc:  # its request may have begun: a crash, not "never ran"
+                return crash_outcome(request, ExitStatus.unknown(), None, reason=str(exc))
             except WorkerStartError as exc:
                 return start_failed_outcome(request, str(exc))
             if attempt.finished:  # cancelled or closed while the worker was being forked
