@@ -82,6 +82,30 @@ async def test_foreign_domain_tasks_are_not_found(address: str) -> None:
         assert await _code(batch) is grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_a_foreign_domain_batch_on_a_submit_stream_fails_only_itself(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rpc.ClientServiceStub(channel)
+        stream = stub.SubmitTasks(metadata=_md("alpha-client"))
+        batches = {
+            1: [pb.CreateTaskRequest(name="t", domain="alpha")],
+            2: [pb.CreateTaskRequest(name="t", domain="alpha"),
+                pb.CreateTaskRequest(name="t", domain="beta")],
+            3: [pb.CreateTaskRequest(name="t", domain="alpha")],
+        }
+        for batch_id, tasks in batches.items():
+            await stream.write(pb.SubmitTasksRequest(batch_id=batch_id, tasks=tasks))
+        await stream.done_writing()
+        answers = {a.batch_id: a async for a in stream}
+        assert await stream.code() is grpc.StatusCode.OK
+        assert answers[2].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "beta" in answers[2].message
+        assert not answers[2].tasks
+        assert [(answers[i].code, len(answers[i].tasks)) for i in (1, 3)] == [(0, 1), (0, 1)]
+        unauthenticated = stub.SubmitTasks(metadata=_md("nobody"))
+        await unauthenticated.write(pb.SubmitTasksRequest(batch_id=1, tasks=batches[1]))
+        assert await _code(unauthenticated.read()) is grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_roles_are_enforced_and_health_stays_open(address: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = rpc.ClientServiceStub(channel)

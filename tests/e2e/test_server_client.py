@@ -167,6 +167,82 @@ async def test_idempotency_key_returns_the_same_task(srv: RunningServer) -> None
     assert batch.tasks[1].task_id == batch.tasks[2].task_id
 
 
+# -- the SubmitTasks stream --------------------------------------------------------------------
+
+
+def _batch(batch_id: int, *tasks: pbo.CreateTaskRequest) -> pbo.SubmitTasksRequest:
+    return pbo.SubmitTasksRequest(batch_id=batch_id, tasks=tasks)
+
+
+async def test_submit_stream_answers_each_batch_with_its_own_status(srv: RunningServer) -> None:
+    before = len(srv.orchestrator.taskset.tasks)
+    stream = srv.client.SubmitTasks()
+    await stream.write(_batch(7, pbo.CreateTaskRequest(name="a", args="[1]"),
+                              pbo.CreateTaskRequest(name="a", args="[2]")))
+    await stream.write(_batch(8, pbo.CreateTaskRequest(name="ok"),
+                              pbo.CreateTaskRequest(name="bad", args="{}")))
+    await stream.write(_batch(9))
+    await stream.write(_batch(10, pbo.CreateTaskRequest(name="k", idempotency_key="s-1"),
+                              pbo.CreateTaskRequest(name="k", idempotency_key="s-1")))
+    await stream.done_writing()
+    answers = {answer.batch_id: answer async for answer in stream}
+    assert await stream.code() == grpc.StatusCode.OK  # a bad batch does not end the stream
+    assert sorted(answers) == [7, 8, 9, 10]
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (answers[8].code, list(answers[8].tasks)) == (invalid, [])
+    assert answers[8].message.startswith("tasks[1]: ")
+    assert "args" in answers[8].message
+    assert (answers[9].code, answers[9].message) == (
+        invalid, "a SubmitTasks message must hold at least one task")
+    assert [answers[7].code, answers[10].code] == [0, 0]
+    assert [t.deduplicated for t in answers[10].tasks] == [False, True]
+    assert answers[10].tasks[0].task_id == answers[10].tasks[1].task_id
+    assert len(srv.orchestrator.taskset.tasks) == before + 3  # nothing of batch 8
+    shepherd = await srv.shepherd(capacity=10)
+    pushed = {t.task_id: json.loads(t.args) for t in await shepherd.tasks(3)}
+    assert [pushed[t.task_id] for t in answers[7].tasks] == [[1], [2]]
+
+
+async def test_submit_stream_serves_many_batches_in_flight(srv: RunningServer) -> None:
+    stream = srv.client.SubmitTasks()
+    batches = 150  # more than a stream may have in progress: reading pauses, nothing is lost
+
+    async def send() -> None:
+        for batch_id in range(batches):
+            await stream.write(_batch(batch_id, *(
+                pbo.CreateTaskRequest(name="m", args=f"[{batch_id}, {i}]") for i in range(4))))
+        await stream.done_writing()
+
+    sender = asyncio.ensure_future(send())
+    answers = [answer async for answer in stream]
+    await sender
+    assert sorted(a.batch_id for a in answers) == list(range(batches))
+    assert {a.code for a in answers} == {0}
+    ids = [t.task_id for a in answers for t in a.tasks]
+    assert len(set(ids)) == 4 * batches
+    status = await srv.client.GetTaskStatus(pbo.GetTaskStatusRequest(task_id=ids[-1]))
+    assert status.name == "m"
+
+
+async def test_batches_over_the_size_limit_are_refused(request: pytest.FixtureRequest) -> None:
+    server = await start_server(store_settings(request, "memory", max_batch=3))
+    try:
+        four = [pbo.CreateTaskRequest(name="t") for _ in range(4)]
+        await expect_error(server.client.CreateTasks(pbo.CreateTasksRequest(tasks=four)),
+                           grpc.StatusCode.INVALID_ARGUMENT,
+                           "a CreateTasks request may hold at most 3 tasks, got 4")
+        stream = server.client.SubmitTasks()
+        await stream.write(_batch(1, *four))
+        await stream.write(_batch(2, *four[:3]))
+        await stream.done_writing()
+        answers = {answer.batch_id: answer async for answer in stream}
+        assert answers[1].message == "a SubmitTasks message may hold at most 3 tasks, got 4"
+        assert (answers[2].code, len(answers[2].tasks)) == (0, 3)
+        assert len(server.orchestrator.taskset.tasks) == 3
+    finally:
+        await server.close()
+
+
 # -- validation ------------------------------------------------------------------------------
 
 

@@ -23,6 +23,8 @@ import grpc.aio
 from azolla.adapters.grpc.pb import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 pb = orchestrator_pb2
+#: The ``calls`` / ``fail_next`` key of one batch sent on a SubmitTasks stream.
+SUBMIT_BATCH = "SubmitTasks.batch"
 COMPLETED = pb.WAIT_FOR_TASK_STATUS_COMPLETED
 NOT_FOUND = pb.WAIT_FOR_TASK_STATUS_TASK_NOT_FOUND
 
@@ -66,8 +68,22 @@ class FakeClientService(orchestrator_pb2_grpc.ClientServiceServicer):
         self.unimplemented: set[str] = set()
         self._streams: list[tuple[set[str], asyncio.Queue[list[pb.TaskOutcome] | _Break]]] = []
         self._changed = asyncio.Condition()
+        self._submit_streams: list[asyncio.Queue[pb.SubmitTasksResponse | _Break | None]] = []
 
     # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def submit_rpcs(self) -> int:
+        """Submit round trips: CreateTask and CreateTasks calls plus SubmitTasks batches."""
+        return self.calls["CreateTask"] + self.calls["CreateTasks"] + self.calls[SUBMIT_BATCH]
+
+    def submit_key(self, size: int) -> str:
+        """The ``calls`` / ``fail_next`` key a client batch of ``size`` tasks arrives under."""
+        if "SubmitTasks" not in self.unimplemented:
+            return SUBMIT_BATCH
+        if size == 1 or "CreateTasks" in self.unimplemented:
+            return "CreateTask"
+        return "CreateTasks"
 
     async def until(self, condition: Callable[[], object], timeout: float = 5.0) -> None:
         """Wait until ``condition()`` holds; it is checked whenever the fake sees a request."""
@@ -138,6 +154,15 @@ class FakeClientService(orchestrator_pb2_grpc.ClientServiceServicer):
         for _, queue in self._streams:
             queue.put_nowait(_Break(code))
 
+    def break_submit_streams(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        """Abort every open SubmitTasks stream (batches not yet answered get no answer)."""
+        for answers in self._submit_streams:
+            answers.put_nowait(_Break(code))
+
+    @property
+    def open_submit_streams(self) -> int:
+        return len(self._submit_streams)
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)
@@ -166,6 +191,59 @@ class FakeClientService(orchestrator_pb2_grpc.ClientServiceServicer):
         if self.create_delay:
             await asyncio.sleep(self.create_delay)
         return pb.CreateTasksResponse(tasks=[self._create(t) for t in request.tasks])
+
+    async def SubmitTasks(
+        self,
+        request_iterator: AsyncIterator[pb.SubmitTasksRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.SubmitTasksResponse]:
+        """Each message is handled like a CreateTasks call, under the key ``SubmitTasks.batch``
+        (``calls``, ``fail_next``, ``batch_sizes``); answers leave as each batch completes."""
+        await self._enter("SubmitTasks", context)
+        await context.send_initial_metadata(())
+        answers: asyncio.Queue[pb.SubmitTasksResponse | _Break | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        self._submit_streams.append(answers)
+
+        async def answer(request: pb.SubmitTasksRequest) -> None:
+            reply = pb.SubmitTasksResponse(batch_id=request.batch_id)
+            self.calls[SUBMIT_BATCH] += 1
+            self.batch_sizes.append(len(request.tasks))
+            await self._notify()
+            codes = self.fail_next.get(SUBMIT_BATCH)
+            bad = [t.name for t in request.tasks if t.name in self.reject_names]
+            if codes:
+                reply.code = codes.pop(0).value[0]
+                reply.message = f"injected failure of {SUBMIT_BATCH}"
+            elif bad:
+                reply.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                reply.message = f"bad task {bad[0]}"
+            else:
+                if self.create_delay:
+                    await asyncio.sleep(self.create_delay)
+                reply.tasks.extend(self._create(t) for t in request.tasks)
+            answers.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (reply := await answers.get()) is not None:
+                if isinstance(reply, _Break):
+                    await context.abort(reply.code, "injected stream failure")
+                yield reply
+        finally:
+            reader.cancel()
+            self._submit_streams.remove(answers)
 
     async def WatchTasks(
         self,
@@ -323,13 +401,17 @@ async def fake_orchestrator(
     credentials: grpc.ServerCredentials | None = None,
     service: FakeClientService | None = None,
     port: int = 0,
+    submit_stream: bool = True,
 ) -> AsyncIterator[FakeClientService]:
     """Serve a :class:`FakeClientService` on 127.0.0.1; its ``url`` says where.
 
     Pass ``service`` and ``port`` to serve the same state again on the same port, as after an
-    orchestrator restart.
+    orchestrator restart. ``submit_stream=False`` answers SubmitTasks with UNIMPLEMENTED, like
+    a server from before it (the client then submits with CreateTask / CreateTasks).
     """
     service = service if service is not None else FakeClientService()
+    if not submit_stream:
+        service.unimplemented.add("SubmitTasks")
     server = grpc.aio.server()
     orchestrator_pb2_grpc.add_ClientServiceServicer_to_server(service, server)
     if credentials is None:

@@ -253,12 +253,19 @@ async def test_drain_returns_when_every_queued_call_was_cancelled() -> None:
 # -- the real client against the test double -------------------------------------------------------
 
 
+@pytest.fixture(params=[True, False], ids=["stream", "unary"])
+def submit_stream(request: pytest.FixtureRequest) -> bool:
+    """Run each client test against a server with SubmitTasks and against one without."""
+    return bool(request.param)
+
+
+
 @pytest.mark.grpc
-async def test_200_concurrent_submits_take_few_rpcs() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
+async def test_200_concurrent_submits_take_few_rpcs(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
         fake.create_delay = 0.002
         handles = await asyncio.gather(*(client.submit_task("t", [i]).submit() for i in range(200)))
-        rpcs = fake.calls["CreateTask"] + fake.calls["CreateTasks"]
+        rpcs = fake.submit_rpcs
         assert rpcs <= 3, fake.batch_sizes
         assert sum(fake.batch_sizes) == 200
         assert len({h.task_id for h in handles}) == 200
@@ -271,8 +278,8 @@ async def test_200_concurrent_submits_take_few_rpcs() -> None:
 
 
 @pytest.mark.grpc
-async def test_submits_from_many_loops_share_batches() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
+async def test_submits_from_many_loops_share_batches(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
         fake.create_delay = 0.005
 
         async def loop(n: int) -> None:
@@ -280,26 +287,33 @@ async def test_submits_from_many_loops_share_batches() -> None:
                 await client.submit_task("t", [n, i]).submit()
 
         await asyncio.gather(*(loop(n) for n in range(100)))
-        rpcs = fake.calls["CreateTask"] + fake.calls["CreateTasks"]
+        rpcs = fake.submit_rpcs
         assert sum(fake.batch_sizes) == 500
         assert rpcs <= 50, fake.batch_sizes  # 10x fewer RPCs than tasks, at least
 
 
 @pytest.mark.grpc
-async def test_a_lone_submit_takes_one_unary_rpc_without_linger() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url, submit_linger=1.0) as client:
+async def test_a_lone_submit_takes_one_round_trip_without_linger(submit_stream: bool) -> None:
+    async with (
+        fake_orchestrator(submit_stream=submit_stream) as fake,
+        Client(fake.url, submit_linger=1.0) as client,
+    ):
         await client.submit_task("warmup").submit()  # connect first
         started = time.perf_counter()
         handle = await client.submit_task("t", ["x"]).submit()
         assert time.perf_counter() - started < 0.5
-        assert fake.calls["CreateTask"] == 2
-        assert fake.calls["CreateTasks"] == 0
+        assert fake.calls[fake.submit_key(1)] == 2
+        assert fake.submit_rpcs == 2
+        assert fake.batch_sizes == [1, 1]
         assert handle.task_id in fake.tasks
+        if submit_stream:  # both went as messages of one stream
+            assert fake.calls["SubmitTasks"] == 1
+            assert client.stats().submit_messages_sent == 2
 
 
 @pytest.mark.grpc
-async def test_one_invalid_task_does_not_fail_its_batch_neighbours() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
+async def test_one_invalid_task_does_not_fail_its_batch_neighbours(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
         fake.reject_names = {"bad"}
         names = ["good"] * 20
         names[13] = "bad"
@@ -315,8 +329,8 @@ async def test_one_invalid_task_does_not_fail_its_batch_neighbours() -> None:
 
 @pytest.mark.grpc
 async def test_servers_without_batch_rpc_get_single_creates() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
-        fake.unimplemented = {"CreateTasks"}
+    async with fake_orchestrator(submit_stream=False) as fake, Client(fake.url) as client:
+        fake.unimplemented.add("CreateTasks")
         handles = await asyncio.gather(*(client.submit_task("t", [i]).submit() for i in range(10)))
         assert len(fake.tasks) == 10
         assert {fake.tasks[h.task_id].request.args for h in handles} == {
@@ -328,23 +342,26 @@ async def test_servers_without_batch_rpc_get_single_creates() -> None:
 
 
 @pytest.mark.grpc
-async def test_overload_is_retried_then_reported() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url, submit_retries=2) as client:
-        fake.fail_next["CreateTask"] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+async def test_overload_is_retried_then_reported(submit_stream: bool) -> None:
+    async with (
+        fake_orchestrator(submit_stream=submit_stream) as fake,
+        Client(fake.url, submit_retries=2) as client,
+    ):
+        fake.fail_next[fake.submit_key(1)] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
         handle = await client.submit_task("t").submit()
         assert handle.task_id in fake.tasks
-        fake.fail_next["CreateTask"] = [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+        fake.fail_next[fake.submit_key(1)] = [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
         with pytest.raises(OverloadedError, match="overloaded"):
             await client.submit_task("t").submit()
 
 
 @pytest.mark.grpc
-async def test_connection_loss_retries_only_idempotent_submits() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
-        fake.fail_next["CreateTask"] = [grpc.StatusCode.UNAVAILABLE]
+async def test_connection_loss_retries_only_idempotent_submits(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
+        fake.fail_next[fake.submit_key(1)] = [grpc.StatusCode.UNAVAILABLE]
         handle = await client.submit_task("t").idempotency_key("k1").submit()
         assert fake.tasks[handle.task_id].request.idempotency_key == "k1"
-        fake.fail_next["CreateTask"] = [grpc.StatusCode.UNAVAILABLE]
+        fake.fail_next[fake.submit_key(1)] = [grpc.StatusCode.UNAVAILABLE]
         with pytest.raises(AzollaConnectionError, match="set an idempotency key"):
             await client.submit_task("t").submit()
         # The same key again returns the same task.
@@ -354,8 +371,8 @@ async def test_connection_loss_retries_only_idempotent_submits() -> None:
 
 
 @pytest.mark.grpc
-async def test_submit_many_is_one_round_trip_in_order() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
+async def test_submit_many_is_one_round_trip_in_order(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
         handles = await client.submit_many(
             "resize",
             [{"w": 1}, [2, 3], "four"],
@@ -363,7 +380,8 @@ async def test_submit_many_is_one_round_trip_in_order() -> None:
             shepherd_group="img",
             idempotency_keys=["a", "b", "c"],
         )
-        assert fake.calls["CreateTasks"] == 1
+        assert fake.submit_rpcs == 1
+        assert fake.calls[fake.submit_key(3)] == 1
         requests = [fake.tasks[h.task_id].request for h in handles]
         assert [(r.args, r.kwargs) for r in requests] == [
             ("[]", '{"w":1}'),
@@ -376,11 +394,11 @@ async def test_submit_many_is_one_round_trip_in_order() -> None:
 
 
 @pytest.mark.grpc
-async def test_submit_many_is_all_or_nothing() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
+async def test_submit_many_is_all_or_nothing(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
         with pytest.raises(ValidationError, match="task 1 of submit_many"):
             await client.submit_many("t", [[1], [float("nan")]])
-        assert fake.calls["CreateTasks"] == 0
+        assert fake.submit_rpcs == 0
         fake.reject_names = {"bad"}
         with pytest.raises(ValidationError, match="bad task bad"):
             await client.submit_many("bad", [[1], [2]])
@@ -390,8 +408,11 @@ async def test_submit_many_is_all_or_nothing() -> None:
 
 
 @pytest.mark.grpc
-async def test_submit_many_chunks_large_batches() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url, max_batch_size=100) as client:
+async def test_submit_many_chunks_large_batches(submit_stream: bool) -> None:
+    async with (
+        fake_orchestrator(submit_stream=submit_stream) as fake,
+        Client(fake.url, max_batch_size=100) as client,
+    ):
         handles = await client.submit_many("t", range(250))
         assert sorted(fake.batch_sizes) == [50, 100, 100]
         assert [fake.tasks[h.task_id].request.args for h in handles] == [
@@ -400,13 +421,20 @@ async def test_submit_many_chunks_large_batches() -> None:
 
 
 @pytest.mark.grpc
-async def test_submit_many_survives_overload_and_servers_without_batch_rpc() -> None:
-    async with fake_orchestrator() as fake, Client(fake.url, max_batch_size=4) as client:
-        fake.fail_next["CreateTasks"] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+async def test_submit_many_survives_overload_and_servers_without_batch_rpc(
+    submit_stream: bool,
+) -> None:
+    async with (
+        fake_orchestrator(submit_stream=submit_stream) as fake,
+        Client(fake.url, max_batch_size=4) as client,
+    ):
+        fake.fail_next[fake.submit_key(4)] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
         handles = await client.submit_many("t", range(7))
         assert [fake.tasks[h.task_id].request.args for h in handles] == [f"[{i}]" for i in range(7)]
         assert len(fake.tasks) == 7  # the refused chunk was sent again, nothing twice
-        fake.unimplemented = {"CreateTasks"}
+        if submit_stream:
+            return  # the rest is about servers without SubmitTasks
+        fake.unimplemented.add("CreateTasks")  # the client learns it on the way
         handles = await client.submit_many("u", range(3), priority=2)
         requests = [fake.tasks[h.task_id].request for h in handles]
         assert [(r.name, r.args, r.priority) for r in requests] == [
@@ -417,8 +445,8 @@ async def test_submit_many_survives_overload_and_servers_without_batch_rpc() -> 
 
 
 @pytest.mark.grpc
-async def test_close_finishes_started_submits() -> None:
-    async with fake_orchestrator() as fake:
+async def test_close_finishes_started_submits(submit_stream: bool) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake:
         fake.create_delay = 0.05
         client = Client(fake.url)
         pending = [asyncio.ensure_future(client.submit_task("t", [i]).submit()) for i in range(10)]
@@ -426,3 +454,53 @@ async def test_close_finishes_started_submits() -> None:
         await client.close()
         handles = await asyncio.gather(*pending)
         assert len({h.task_id for h in handles}) == 10
+
+
+# -- the SubmitTasks stream ------------------------------------------------------------------------
+
+
+@pytest.mark.grpc
+async def test_servers_without_the_submit_stream_are_asked_once() -> None:
+    async with fake_orchestrator(submit_stream=False) as fake, Client(fake.url) as client:
+        for i in range(3):
+            await client.submit_task("t", [i]).submit()
+        await asyncio.gather(*(client.submit_task("t", [i]).submit() for i in range(10)))
+        assert len(fake.tasks) == 13
+        assert fake.calls["SubmitTasks"] == 1  # UNIMPLEMENTED once, then unary calls only
+        assert fake.calls["CreateTask"] >= 3
+        assert client.stats().submit_messages_sent <= 1
+
+
+@pytest.mark.grpc
+async def test_a_broken_submit_stream_fails_unkeyed_batches_as_ambiguous_retries_keyed() -> None:
+    async with fake_orchestrator() as fake, Client(fake.url) as client:
+        await client.submit_task("warmup").submit()
+        fake.create_delay = 5.0  # the batches below stay unanswered until the stream breaks
+        unkeyed = asyncio.ensure_future(client.submit_task("t", ["plain"]).submit())
+        keyed_submit = client.submit_task("t", ["keyed"]).idempotency_key("k").submit()
+        keyed = asyncio.ensure_future(keyed_submit)
+        await fake.until(lambda: sum(fake.batch_sizes) >= 3)
+        fake.create_delay = 0.0
+        fake.break_submit_streams()
+        with pytest.raises(AzollaConnectionError, match="may or may not have been created"):
+            await asyncio.wait_for(unkeyed, 10)
+        handle = await asyncio.wait_for(keyed, 10)
+        assert fake.tasks[handle.task_id].request.idempotency_key == "k"
+        assert fake.calls["SubmitTasks"] == 2  # the retry opened a new stream
+        assert (await client.submit_task("t", ["after"]).submit()).task_id in fake.tasks
+        assert fake.calls["SubmitTasks"] == 2  # which later submits share
+
+
+@pytest.mark.grpc
+async def test_an_unanswered_batch_times_out_and_the_stream_stays_usable() -> None:
+    async with fake_orchestrator() as fake, Client(fake.url, timeout=0.3) as client:
+        await client.submit_task("warmup").submit()
+        fake.create_delay = 3.0
+        started = time.perf_counter()
+        with pytest.raises(AzollaConnectionError, match="may or may not have been created"):
+            await client.submit_task("t", ["slow"]).submit()
+        assert time.perf_counter() - started < 2.0
+        fake.create_delay = 0.0
+        handle = await client.submit_task("t", ["fast"]).submit()
+        assert fake.tasks[handle.task_id].request.args == '["fast"]'
+        assert fake.calls["SubmitTasks"] == 1

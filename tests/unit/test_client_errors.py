@@ -166,15 +166,19 @@ def test_error_data_that_is_not_an_object() -> None:
         (grpc.StatusCode.FAILED_PRECONDITION, ServerError),
     ],
 )
-async def test_submit_errors_are_translated(code: grpc.StatusCode, cls: type[AzollaError]) -> None:
-    async with fake_orchestrator() as fake, Client(fake.url) as client:
-        fake.fail_next["CreateTask"] = [code]
+@pytest.mark.parametrize("submit_stream", [True, False], ids=["stream", "unary"])
+async def test_submit_errors_are_translated(
+    code: grpc.StatusCode, cls: type[AzollaError], submit_stream: bool
+) -> None:
+    async with fake_orchestrator(submit_stream=submit_stream) as fake, Client(fake.url) as client:
+        key = fake.submit_key(1)
+        fake.fail_next[key] = [code]
         with pytest.raises(cls) as info:
             await client.submit_task("send_email", ["a@b.c"]).submit()
         assert not isinstance(info.value, grpc.RpcError)
         assert "submit task 'send_email' failed" in str(info.value)
         assert info.value.code == code.name
-        assert info.value.details == "injected failure of CreateTask"
+        assert info.value.details == f"injected failure of {key}"
 
 
 @pytest.mark.grpc

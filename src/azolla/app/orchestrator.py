@@ -520,6 +520,20 @@ class Orchestrator:
             StoreUnavailable: Nothing was recorded; retrying is safe with idempotency keys.
             StoreOverloaded: Backpressure; retry later.
         """
+        return await self.submit_future(requests)
+
+    def submit_future(
+        self, requests: Sequence[SubmitRequest]
+    ) -> asyncio.Future[list[SubmitResult]]:
+        """:meth:`submit` without a coroutine, for callers that answer from a callback.
+
+        Validates at once; the returned future resolves once the tasks' events are committed,
+        or fails with the errors :meth:`submit` raises.
+
+        Raises:
+            InvalidTaskSpec: A request is malformed (message names its index); nothing queued.
+            StoreUnavailable: The orchestrator is shutting down.
+        """
         checked: list[SubmitRequest] = []
         for index, request in enumerate(requests):
             try:
@@ -527,8 +541,8 @@ class Orchestrator:
             except InvalidTaskSpec as exc:
                 prefix = f"tasks[{index}]: " if len(requests) > 1 else ""
                 raise InvalidTaskSpec(prefix + exc.message) from None
-        result: list[SubmitResult] = await self._call(_Submit(requests=checked))
-        return result
+        future: asyncio.Future[list[SubmitResult]] = self._enqueue(_Submit(requests=checked))
+        return future
 
     async def known(self, task_id: UUID) -> bool:
         """True when a task with this id has been committed (in the TaskSet or in the log)."""
@@ -738,12 +752,15 @@ class Orchestrator:
     # -- the decision loop -----------------------------------------------------------------
 
     async def _call(self, command: _Command) -> Any:
+        return await self._enqueue(command)
+
+    def _enqueue(self, command: _Command) -> asyncio.Future[Any]:
         if self._stopping:
             raise StoreUnavailable("the orchestrator is shutting down")
-        command.future = asyncio.get_running_loop().create_future()
+        future = command.future = asyncio.get_running_loop().create_future()
         self._inbox.append(command)
         self._wake.set()
-        return await command.future
+        return future
 
     def _next_wakeup(self, now: float) -> float | None:
         candidates = [t for t in (self.taskset.next_timer(), self.taskset.next_lease())

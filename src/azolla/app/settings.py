@@ -160,7 +160,7 @@ class Settings(BaseModel):
             shepherd to reconnect before they are declared lost.
         shutdown_grace_seconds: Time RPCs in flight get to finish on shutdown.
         max_message_mb: Largest gRPC message, in MiB.
-        max_batch: Most tasks in one CreateTasks request.
+        max_batch: Most tasks in one CreateTasks request or SubmitTasks message.
         max_payload_bytes: Largest args plus kwargs of one task, in bytes.
         max_concurrent_rpcs: Most RPCs (streams included) served at once; further calls are
             answered RESOURCE_EXHAUSTED.

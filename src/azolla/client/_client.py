@@ -31,6 +31,7 @@ from azolla.client._submission import (
     task_name_of,
     task_retry_policy,
 )
+from azolla.client._submit_stream import StreamUnsupported, SubmitStream
 from azolla.client._transport import (
     ChannelOption,
     Transport,
@@ -53,6 +54,7 @@ __all__ = ["Client", "ClientStats"]
 DEFAULT_ENDPOINT: Final = "http://localhost:52710"
 
 _Pending = Pending[orchestrator_pb2.CreateTaskRequest, orchestrator_pb2.CreateTaskResponse]
+_Container = orchestrator_pb2.SubmitTasksRequest | orchestrator_pb2.CreateTasksRequest
 _T = TypeVar("_T")
 _SC = grpc.StatusCode
 
@@ -64,10 +66,13 @@ class ClientStats:
     Attributes:
         rpc_calls: RPCs started, by method name (streams count once per opening).
         tasks_submitted: Tasks handed to the submit coalescer.
-        submit_batches: Batches the coalescer sent (each one CreateTask or CreateTasks).
+        submit_batches: Batches the coalescer sent (each one ``SubmitTasks`` message, or one
+            ``CreateTask`` / ``CreateTasks`` call against a server without that stream).
         largest_submit_batch: The most tasks in one coalesced batch.
         watch_streams_opened: WatchTasks streams opened (1 + reconnects).
         watch_messages_sent: WatchTasksRequest messages sent.
+        submit_streams_opened: SubmitTasks streams opened (1 + reopenings after a break).
+        submit_messages_sent: SubmitTasksRequest messages (batches) sent.
     """
 
     rpc_calls: dict[str, int] = field(default_factory=dict)
@@ -76,6 +81,8 @@ class ClientStats:
     largest_submit_batch: int = 0
     watch_streams_opened: int = 0
     watch_messages_sent: int = 0
+    submit_streams_opened: int = 0
+    submit_messages_sent: int = 0
 
 
 class Client:
@@ -169,6 +176,7 @@ class Client:
             max_in_flight=max_in_flight_batches,
         )
         self._watch_mux = WatchMux(self._transport, max_reconnects=max_reconnects)
+        self._submit_stream = SubmitStream(self._transport)
         self._batch_rpc = True  # False once the server answered CreateTasks with UNIMPLEMENTED
         self._closing = False
 
@@ -225,6 +233,7 @@ class Client:
             pass
         self._coalescer.fail_queued(ClientClosedError("the client was closed"))
         await self._coalescer.abort()
+        await self._submit_stream.close(self._transport.timeout)
         await self._watch_mux.close()
         await self._transport.close()
 
@@ -253,6 +262,8 @@ class Client:
             largest_submit_batch=coalescer.largest_batch,
             watch_streams_opened=self._watch_mux.streams_opened,
             watch_messages_sent=self._watch_mux.messages_sent,
+            submit_streams_opened=self._submit_stream.streams_opened,
+            submit_messages_sent=self._submit_stream.messages_sent,
         )
 
     def __repr__(self) -> str:
@@ -372,8 +383,13 @@ class Client:
         fields = options.wire_fields(time.time())  # shared by every task of the call
         domain = self._domain
         size = self._max_batch_size
-        # Each chunk's requests are built inside the CreateTasksRequest that carries them.
-        containers = [orchestrator_pb2.CreateTasksRequest() for _ in range(0, len(items), size)]
+        # Each chunk's requests are built inside the message that carries them.
+        kind: type[_Container] = (
+            orchestrator_pb2.CreateTasksRequest
+            if self._submit_stream.unsupported
+            else orchestrator_pb2.SubmitTasksRequest
+        )
+        containers = [kind() for _ in range(0, len(items), size)]
         pending: list[_Pending] = []
         for index, value in enumerate(items):
             args, kwargs = map_args(value)
@@ -441,15 +457,22 @@ class Client:
         }
 
     async def _create(
-        self, items: list[_Pending], container: orchestrator_pb2.CreateTasksRequest | None = None
+        self, items: list[_Pending], container: _Container | None = None
     ) -> Sequence[orchestrator_pb2.CreateTaskResponse]:
+        if not self._submit_stream.unsupported:
+            message = container
+            if not isinstance(message, orchestrator_pb2.SubmitTasksRequest):
+                message = orchestrator_pb2.SubmitTasksRequest(tasks=[i.request for i in items])
+            with contextlib.suppress(StreamUnsupported):  # an older server: unary from now on
+                return await self._submit_stream.create(message)
         stub = self._transport.stub()
         if len(items) == 1:
             self._transport.calls["CreateTask"] += 1
             return [await stub.CreateTask(items[0].request, **self._call_kwargs())]
         self._transport.calls["CreateTasks"] += 1
-        request = container
-        if request is None:
+        if isinstance(container, orchestrator_pb2.CreateTasksRequest):
+            request = container
+        else:
             request = orchestrator_pb2.CreateTasksRequest(tasks=[i.request for i in items])
         response = await stub.CreateTasks(request, **self._call_kwargs())
         if len(response.tasks) != len(items):
@@ -464,12 +487,13 @@ class Client:
         retries: int,
         *,
         split_invalid: bool,
-        container: orchestrator_pb2.CreateTasksRequest | None = None,
+        container: _Container | None = None,
     ) -> None:
         """Send ``items`` in one RPC and resolve their futures, recovering where it is safe.
 
-        ``container``, if given, is a ``CreateTasksRequest`` holding exactly the items'
-        requests, in order: it is sent as it is while no item has been dropped.
+        ``container``, if given, is a ``SubmitTasksRequest`` or ``CreateTasksRequest`` holding
+        exactly the items' requests, in order: it is sent as it is while no item has been
+        dropped.
         """
         live = [item for item in items if not item.future.done()]
         if len(live) != len(items):

@@ -26,6 +26,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from azolla.adapters.grpc.status import RefusedRequest
+
 __all__ = ["Principal", "TokenAuthInterceptor", "hash_token", "server_credentials"]
 
 ALL_DOMAINS = "*"
@@ -37,6 +39,8 @@ _ROLE_BY_SERVICE = {
     "azolla.shepherd.Worker": "shepherd",
 }
 #: Methods whose request names one task: a foreign domain answers NOT_FOUND.
+#: Streams whose messages are answered one by one: a refused message fails only its own answer.
+_PER_MESSAGE_METHODS = frozenset({"SubmitTasks"})
 _TASK_METHODS = frozenset({"WaitForTask", "GetTaskStatus", "CancelTask", "WatchTask",
                            "RequeueTask"})
 
@@ -162,6 +166,15 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], principal: Principal | None,
             gate(request)
             yield request
 
+    async def answered_iterator(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            try:
+                gate(request)
+            except _Refusal as exc:
+                yield RefusedRequest(request, exc.code, exc.message)
+                continue
+            yield request
+
     kwargs = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
@@ -205,8 +218,9 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], principal: Principal | None,
                             context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         if refusal is not None:
             await context.abort(refusal.code, refusal.message)
+        check = answered_iterator if method in _PER_MESSAGE_METHODS else checked_iterator
         try:
-            async for response in inner_ss(checked_iterator(requests), context):
+            async for response in inner_ss(check(requests), context):
                 yield response
         except _Refusal as exc:
             await context.abort(exc.code, exc.message)

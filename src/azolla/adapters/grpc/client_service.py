@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -19,7 +20,7 @@ import grpc.aio
 
 from azolla.adapters.grpc import convert
 from azolla.adapters.grpc.pb import orchestrator_pb2, orchestrator_pb2_grpc
-from azolla.adapters.grpc.status import abort_for
+from azolla.adapters.grpc.status import RefusedRequest, abort_for, status_for
 from azolla.domain.errors import (
     AzollaDomainError,
     InvalidTaskSpec,
@@ -29,12 +30,14 @@ from azolla.domain.errors import (
 
 if TYPE_CHECKING:
     from azolla.adapters.memory.taskset import TaskRecord
-    from azolla.app.model import SubmitRequest, TaskOutcome, TaskView
+    from azolla.app.model import SubmitRequest, SubmitResult, TaskOutcome, TaskView
     from azolla.app.orchestrator import Orchestrator
 
 __all__ = ["ClientService"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_log = logging.getLogger("azolla.grpc")
 
 _COMPLETED = orchestrator_pb2.WAIT_FOR_TASK_STATUS_COMPLETED
 _TIMEOUT = orchestrator_pb2.WAIT_FOR_TASK_STATUS_TIMEOUT
@@ -53,12 +56,15 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
 
     Args:
         orchestrator: The running orchestrator.
-        max_batch: Most tasks accepted in one ``CreateTasks`` request.
+        max_batch: Most tasks accepted in one ``CreateTasks`` request or ``SubmitTasks`` message.
+        max_stream_in_flight: Most batches of one ``SubmitTasks`` stream in progress at once.
     """
 
-    def __init__(self, orchestrator: Orchestrator, *, max_batch: int = 10_000) -> None:
+    def __init__(self, orchestrator: Orchestrator, *, max_batch: int = 10_000,
+                 max_stream_in_flight: int = 64) -> None:
         self.orchestrator = orchestrator
         self.max_batch = max_batch
+        self.max_stream_in_flight = max_stream_in_flight
 
     # -- submit ------------------------------------------------------------------------------
 
@@ -79,30 +85,76 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
     ) -> orchestrator_pb2.CreateTasksResponse:
         """Create many tasks in one commit; all or nothing."""
         try:
-            tasks = request.tasks
-            if len(tasks) > self.max_batch:
-                raise InvalidTaskSpec(f"a CreateTasks request may hold at most {self.max_batch} "
-                                      f"tasks, got {len(tasks)}")
-            from_proto = convert.submit_request_from_proto
-            submits: list[SubmitRequest] = []
-            append = submits.append
-            index = 0
-            try:
-                for item in tasks:
-                    append(from_proto(item))
-                    index += 1
-            except AzollaDomainError as exc:
-                exc.message = f"tasks[{index}]: {exc.message}"
-                raise
-            results = await self.orchestrator.submit(submits) if submits else []
+            results = await self._create_all(request.tasks, "a CreateTasks request")
         except Exception as exc:
             await abort_for(context, exc, "CreateTasks")
         response = orchestrator_pb2.CreateTasksResponse()
-        add = response.tasks.add
-        text = convert.uuid_text
-        for result in results:
-            add(task_id=text(result.task_id), deduplicated=result.deduplicated)
+        _fill_created(response.tasks, results)
         return response
+
+    async def SubmitTasks(
+        self, request_iterator: AsyncIterator[orchestrator_pb2.SubmitTasksRequest],
+        context: Context,
+    ) -> AsyncIterator[orchestrator_pb2.SubmitTasksResponse]:
+        """One long-lived stream of submit batches, each answered on its own.
+
+        Every message is one ``CreateTasks`` (all or nothing, one commit) and gets one answer,
+        carrying its ``batch_id`` and its own status, once its events are committed: a bad batch
+        fails only itself. Up to ``max_stream_in_flight`` batches of a stream are in progress at
+        once; beyond that the stream is not read, so a fast sender is held back by flow control.
+        After the client half-closes, the stream ends once every batch has been answered. A
+        message that does not parse ends the stream with ``INTERNAL`` (after the batches before
+        it are answered), as it has no batch id to answer.
+        """
+        await context.send_initial_metadata(())  # the client may now send more than one batch
+        stream = _SubmitStream(self, self.max_stream_in_flight)
+        reader = asyncio.create_task(stream.read(request_iterator), name="azolla-submit-in")
+        try:
+            while True:
+                answer = await stream.answers.get()
+                if answer is None:
+                    if stream.failure is not None:
+                        await abort_for(context, stream.failure, "SubmitTasks")
+                    return
+                yield answer
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _create_all(self, tasks: Sequence[orchestrator_pb2.CreateTaskRequest],
+                          what: str) -> list[SubmitResult]:
+        """Convert and create ``tasks`` (all or nothing); errors name the failing index."""
+        return await self._begin_create(tasks, what)
+
+    def _begin_create(self, tasks: Sequence[orchestrator_pb2.CreateTaskRequest],
+                      what: str) -> asyncio.Future[list[SubmitResult]]:
+        """Convert and validate ``tasks`` now; the future resolves once they are committed.
+
+        Raises:
+            AzollaDomainError: A task is invalid (the message names its index) or the
+                orchestrator is stopping; nothing was queued.
+        """
+        if len(tasks) > self.max_batch:
+            raise InvalidTaskSpec(f"{what} may hold at most {self.max_batch} tasks, got "
+                                  f"{len(tasks)}")
+        from_proto = convert.submit_request_from_proto
+        submits: list[SubmitRequest] = []
+        append = submits.append
+        index = 0
+        try:
+            for item in tasks:
+                append(from_proto(item))
+                index += 1
+        except AzollaDomainError as exc:
+            exc.message = f"tasks[{index}]: {exc.message}"
+            raise
+        if not submits:
+            done: asyncio.Future[list[SubmitResult]] = (
+                asyncio.get_running_loop().create_future())
+            done.set_result([])
+            return done
+        return self.orchestrator.submit_future(submits)
 
     # -- wait --------------------------------------------------------------------------------
 
@@ -282,6 +334,87 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
     ) -> orchestrator_pb2.PublishFlowEventResponse:
         """Not implemented: answers ``UNIMPLEMENTED``."""
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, _FLOWS)
+
+
+def _fill_created(into: Any, results: Sequence[SubmitResult]) -> None:
+    add = into.add
+    text = convert.uuid_text
+    for result in results:
+        add(task_id=text(result.task_id), deduplicated=result.deduplicated)
+
+
+class _SubmitStream:
+    """The state of one ``SubmitTasks`` stream: batches in progress and answers to send.
+
+    A batch costs no asyncio task: it is validated as it is read, and the orchestrator's
+    commit future answers it from a callback.
+    """
+
+    def __init__(self, service: ClientService, max_in_flight: int) -> None:
+        self.service = service
+        #: Answers in commit order; None once the input ended and every batch was answered.
+        self.answers: asyncio.Queue[orchestrator_pb2.SubmitTasksResponse | None] = (
+            asyncio.Queue())
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.in_progress = 0
+        self.input_done = False
+        #: Why reading stopped early; the stream ends with its status once all is answered.
+        self.failure: BaseException | None = None
+
+    async def read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                await self.slots.acquire()
+                self._accept(request)
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError:
+            pass  # the client went away; the handler is being cancelled
+        except AzollaDomainError as exc:  # e.g. a message that does not parse
+            self.failure = exc
+        except Exception as exc:
+            _log.exception("reading a SubmitTasks stream failed")
+            self.failure = exc
+        finally:
+            self.input_done = True
+            if not self.in_progress:
+                self.answers.put_nowait(None)
+
+    def _accept(self, request: Any) -> None:
+        if isinstance(request, RefusedRequest):
+            self._refuse(request.request.batch_id, request.code, request.message)
+            return
+        batch_id = request.batch_id
+        if not request.tasks:
+            self._refuse(batch_id, grpc.StatusCode.INVALID_ARGUMENT,
+                         "a SubmitTasks message must hold at least one task")
+            return
+        try:
+            future = self.service._begin_create(request.tasks, "a SubmitTasks message")
+        except Exception as exc:
+            self._refuse(batch_id, *status_for(exc, "SubmitTasks"))
+            return
+        self.in_progress += 1
+        future.add_done_callback(lambda done: self._committed(batch_id, done))
+
+    def _committed(self, batch_id: int, done: asyncio.Future[list[SubmitResult]]) -> None:
+        self.in_progress -= 1
+        if done.cancelled():
+            self._refuse(batch_id, grpc.StatusCode.CANCELLED, "the submit was cancelled")
+        elif (exc := done.exception()) is not None:
+            self._refuse(batch_id, *status_for(exc, "SubmitTasks"))
+        else:
+            answer = orchestrator_pb2.SubmitTasksResponse(batch_id=batch_id)
+            _fill_created(answer.tasks, done.result())
+            self.slots.release()
+            self.answers.put_nowait(answer)
+        if self.input_done and not self.in_progress:
+            self.answers.put_nowait(None)
+
+    def _refuse(self, batch_id: int, code: grpc.StatusCode, message: str) -> None:
+        self.slots.release()
+        self.answers.put_nowait(orchestrator_pb2.SubmitTasksResponse(
+            batch_id=batch_id, code=code.value[0], message=message))
 
 
 class _MultiWatch:

@@ -75,7 +75,7 @@ class GrpcServerOptions:
         port: TCP port; 0 picks a free one (see :attr:`GrpcServer.port`).
         ping_interval: Seconds between ``Ping`` messages on each shepherd stream.
         max_message_bytes: Largest message received or sent.
-        max_batch: Most tasks in one ``CreateTasks`` request.
+        max_batch: Most tasks in one ``CreateTasks`` request or ``SubmitTasks`` message.
         max_tasks_per_message: Most tasks in one ``TaskBatch`` pushed to a shepherd.
         shutdown_grace: Seconds RPCs in flight get to finish at shutdown.
         report_retry_seconds: How long a shepherd's results are retried while the store is

@@ -90,6 +90,11 @@ class ClientServiceStub:
                 request_serializer=azolla_dot_orchestrator__pb2.WatchTasksRequest.SerializeToString,
                 response_deserializer=azolla_dot_orchestrator__pb2.WatchTasksResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.stream_stream(
+                '/azolla.orchestrator.ClientService/SubmitTasks',
+                request_serializer=azolla_dot_orchestrator__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=azolla_dot_orchestrator__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -166,6 +171,16 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTasks(self, request_iterator, context):
+        """One long-lived stream for submits. Each request message is one batch (validated all or
+        nothing, one durable commit, like CreateTasks) under an id the client chooses; the server
+        answers every message once, with that id and the batch's own status, in commit order (not
+        necessarily send order). A rejected batch fails only its own answer: the stream stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +238,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.WatchTasks,
                     request_deserializer=azolla_dot_orchestrator__pb2.WatchTasksRequest.FromString,
                     response_serializer=azolla_dot_orchestrator__pb2.WatchTasksResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=azolla_dot_orchestrator__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=azolla_dot_orchestrator__pb2.SubmitTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +542,33 @@ class ClientService:
             '/azolla.orchestrator.ClientService/WatchTasks',
             azolla_dot_orchestrator__pb2.WatchTasksRequest.SerializeToString,
             azolla_dot_orchestrator__pb2.WatchTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/azolla.orchestrator.ClientService/SubmitTasks',
+            azolla_dot_orchestrator__pb2.SubmitTasksRequest.SerializeToString,
+            azolla_dot_orchestrator__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,12 @@ class ClientServiceStub:
     """One shared stream for many waiters: the client sends ids, the server answers each
     task's outcome once it is terminal (batched).
     """
+    SubmitTasks: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.SubmitTasksRequest, _orchestrator_pb2.SubmitTasksResponse]
+    """One long-lived stream for submits. Each request message is one batch (validated all or
+    nothing, one durable commit, like CreateTasks) under an id the client chooses; the server
+    answers every message once, with that id and the batch's own status, in commit order (not
+    necessarily send order). A rejected batch fails only its own answer: the stream stays open.
+    """
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -74,6 +80,12 @@ class ClientServiceAsyncStub(ClientServiceStub):
     WatchTasks: _aio.StreamStreamMultiCallable[_orchestrator_pb2.WatchTasksRequest, _orchestrator_pb2.WatchTasksResponse]  # type: ignore[assignment]
     """One shared stream for many waiters: the client sends ids, the server answers each
     task's outcome once it is terminal (batched).
+    """
+    SubmitTasks: _aio.StreamStreamMultiCallable[_orchestrator_pb2.SubmitTasksRequest, _orchestrator_pb2.SubmitTasksResponse]  # type: ignore[assignment]
+    """One long-lived stream for submits. Each request message is one batch (validated all or
+    nothing, one durable commit, like CreateTasks) under an id the client chooses; the server
+    answers every message once, with that id and the batch's own status, in commit order (not
+    necessarily send order). A rejected batch fails only its own answer: the stream stays open.
     """
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -159,6 +171,18 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchTasksResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchTasksResponse]]:
         """One shared stream for many waiters: the client sends ids, the server answers each
         task's outcome once it is terminal (batched).
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitTasks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_orchestrator_pb2.SubmitTasksRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.SubmitTasksResponse], _abc.AsyncIterator[_orchestrator_pb2.SubmitTasksResponse]]:
+        """One long-lived stream for submits. Each request message is one batch (validated all or
+        nothing, one durable commit, like CreateTasks) under an id the client chooses; the server
+        answers every message once, with that id and the batch's own status, in commit order (not
+        necessarily send order). A rejected batch fails only its own answer: the stream stays open.
         """
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
