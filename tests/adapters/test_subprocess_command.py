@@ -124,7 +124,9 @@ async def test_a_worker_that_dies_without_reporting(executor: CommandExecutor) -
     assert details["exit_code"] == 3
     assert "about to exit" in details["stderr_tail"]
     segfault = await executor.execute(req("segfault"))
-    assert orjson.loads(segfault.error_data)["signal"] == "SIGSEGV"
+    crashed = orjson.loads(segfault.error_data)
+    assert crashed["signal"] == "SIGSEGV"
+    assert "Segmentation fault" in crashed["stderr_tail"]  # faulthandler's report, for diagnosis
 
 
 async def test_timeout_and_cancel(executor: CommandExecutor, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ shepherd then records ``WorkerCrashed``.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import time
@@ -283,6 +284,9 @@ def _run(job: _Job) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``azolla-worker``; exits the process with the codes in the module docs."""
+    # A crash in native code (the task's or gRPC's) leaves its Python traceback on stderr,
+    # which the shepherd keeps in the attempt's WorkerCrashed error.
+    faulthandler.enable()
     options = _parser().parse_args(argv)
     try:
         job = _read_job(options)
