@@ -12,7 +12,7 @@ How an append travels:
 
        WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(K)),
             ins AS (INSERT INTO azolla_events (...)
-                    SELECT ... FROM lock, unnest(string_to_array($1::text, ...), $2::uuid[], ...)
+                    SELECT ... FROM lock, unnest(string_to_array($1::text, ...), ...)
                     RETURNING position)
        SELECT array_agg(position), pg_notify('azolla_events', max(position)::text) FROM ins
 
@@ -104,10 +104,12 @@ _SEP = "\x1f"
 
 
 def _insert_sql(lock: bool, notify: bool, packed: bool = True) -> str:
-    """The batch insert. ``packed``: the domains, type names, versions, partition days and
-    terminal flags travel as one text parameter each, not as arrays: asyncpg checks every
-    array element against three ``collections.abc`` classes in Python, which made encoding an
-    event ~40 % dearer; only the stream ids and payloads stay arrays."""
+    """The batch insert. ``packed``: every column travels as one parameter, not as an array:
+    asyncpg checks every array element against three ``collections.abc`` classes in Python
+    (~1.7 us of client CPU per event for the stream ids and payloads alone, against ~0.35 us
+    packed). Stream ids are 16 bytes each in one ``bytea``; domains, type names and payloads
+    are joined by ``\x1f`` (JSON text never holds a raw control character); versions and days
+    by commas; terminal flags are one ``t``/``f`` character each."""
     lock_cte = (
         f"lock AS MATERIALIZED (SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}) AS locked), "
         if lock
@@ -115,12 +117,13 @@ def _insert_sql(lock: bool, notify: bool, packed: bool = True) -> str:
     )
     notify_col = f", pg_notify('{NOTIFY_CHANNEL}', max(position)::text)" if notify else ""
     if packed:
-        columns = ("u.domain, u.stream_id, u.version::int4, u.type, u.payload::json, "
-                   "u.partition_day::int4, substr($7::text, u.o::int4, 1) = 't'")
-        source = ("unnest(string_to_array($1::text, E'\\x1f'), $2::uuid[], "
+        columns = ("u.domain, encode(substr($2::bytea, u.o::int4 * 16 - 15, 16), 'hex')::uuid, "
+                   "u.version::int4, u.type, u.payload::json, u.partition_day::int4, "
+                   "substr($7::text, u.o::int4, 1) = 't'")
+        source = ("unnest(string_to_array($1::text, E'\\x1f'), "
                   "string_to_array($3::text, ','), string_to_array($4::text, E'\\x1f'), "
-                  "$5::text[], string_to_array($6::text, ',')) WITH ORDINALITY "
-                  "AS u(domain, stream_id, version, type, payload, partition_day, o)")
+                  "string_to_array($5::text, E'\\x1f'), string_to_array($6::text, ',')) "
+                  "WITH ORDINALITY AS u(domain, version, type, payload, partition_day, o)")
     else:
         columns = ("u.domain, u.stream_id, u.version, u.type, u.payload::json, "
                    "u.partition_day, u.terminal")
@@ -731,15 +734,18 @@ class PostgresEventStore:
             sent = True
             domains = [e.domain for e in events]
             types = [e.type for e in events]
+            payloads = [e.payload for e in events]
             packed_domains = _SEP.join(domains)
             packed_types = _SEP.join(types)
-            if _packable(domains, packed_domains) and _packable(types, packed_types):
+            packed_payloads = _SEP.join(payloads)
+            if (_packable(domains, packed_domains) and _packable(types, packed_types)
+                    and _packable(payloads, packed_payloads)):
                 row = await lane.insert.fetchrow(
                     packed_domains,
-                    [e.stream_id for e in events],
+                    b"".join([e.stream_id.int.to_bytes(16, "big") for e in events]),
                     ",".join(map(str, [e.version for e in events])),
                     packed_types,
-                    [e.payload for e in events],
+                    packed_payloads,
                     ",".join(map(str, days)),
                     "".join(["t" if e.terminal else "f" for e in events]),
                     timeout=self._opts.commit_timeout,
@@ -750,7 +756,7 @@ class PostgresEventStore:
                     [e.stream_id for e in events],
                     [e.version for e in events],
                     types,
-                    [e.payload for e in events],
+                    payloads,
                     days,
                     [e.terminal for e in events],
                     timeout=self._opts.commit_timeout,
