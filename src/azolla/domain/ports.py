@@ -202,7 +202,7 @@ class TaskSetProjection(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ExecutionRequest:
     """One attempt of a task, as handed to an executor.
 
@@ -226,8 +226,27 @@ class ExecutionRequest:
     memory_limit: int | None = None
     domain: str = "default"
 
+    def __init__(self, task_id: str, attempt: int, name: str, args: str, kwargs: str,
+                 timeout: float | None = None, memory_limit: int | None = None,
+                 domain: str = "default") -> None:
+        # Slot setters instead of the frozen dataclass's object.__setattr__ per field (one
+        # request per attempt on the shepherd's hot path).
+        setters = _REQUEST_SETTERS
+        setters[0](self, task_id)
+        setters[1](self, attempt)
+        setters[2](self, name)
+        setters[3](self, args)
+        setters[4](self, kwargs)
+        setters[5](self, timeout)
+        setters[6](self, memory_limit)
+        setters[7](self, domain)
 
-@dataclass(frozen=True, slots=True)
+
+_REQUEST_SETTERS = _slot_setters(ExecutionRequest, (
+    "task_id", "attempt", "name", "args", "kwargs", "timeout", "memory_limit", "domain"))
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class ExecutionOutcome:
     """What one attempt produced.
 
@@ -250,6 +269,24 @@ class ExecutionOutcome:
     error_message: str = ""
     error_data: str = "{}"
     retriable: bool = True
+
+    def __init__(self, task_id: str, attempt: int, ok: bool, value_json: str = "null",
+                 error_type: str = "", error_message: str = "", error_data: str = "{}",
+                 retriable: bool = True) -> None:
+        setters = _OUTCOME_SETTERS  # as ExecutionRequest: one outcome per attempt
+        setters[0](self, task_id)
+        setters[1](self, attempt)
+        setters[2](self, ok)
+        setters[3](self, value_json)
+        setters[4](self, error_type)
+        setters[5](self, error_message)
+        setters[6](self, error_data)
+        setters[7](self, retriable)
+
+
+_OUTCOME_SETTERS = _slot_setters(ExecutionOutcome, (
+    "task_id", "attempt", "ok", "value_json", "error_type", "error_message", "error_data",
+    "retriable"))
 
 
 class AttemptExecutor(Protocol):

@@ -20,15 +20,15 @@ def request_from_task(task: cpb.Task, default_domain: str) -> ExecutionRequest:
     """
     timeout = task.timeout_ms / 1000.0 if task.HasField("timeout_ms") and task.timeout_ms else None
     memory = task.memory_limit if task.HasField("memory_limit") and task.memory_limit else None
-    return ExecutionRequest(
-        task_id=task.task_id,
-        attempt=task.attempt_number,
-        name=task.name,
-        args=task.args or "[]",
-        kwargs=task.kwargs or "{}",
-        timeout=timeout,
-        memory_limit=memory,
-        domain=task.domain or default_domain,
+    return ExecutionRequest(  # positional (cheaper): task_id, attempt, name, args, kwargs, ...
+        task.task_id,
+        task.attempt_number,
+        task.name,
+        task.args or "[]",
+        task.kwargs or "{}",
+        timeout,
+        memory,
+        task.domain or default_domain,
     )
 
 
