@@ -100,8 +100,10 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
 
         Every message is one ``CreateTasks`` (all or nothing, one commit) and gets one answer,
         carrying its ``batch_id`` and its own status, once its events are committed: a bad batch
-        fails only itself. Up to ``max_stream_in_flight`` batches of a stream are in progress at
-        once; beyond that the stream is not read, so a fast sender is held back by flow control.
+        fails only itself. Up to ``max_stream_in_flight`` batches of a stream are in progress or
+        waiting for their answer to be sent; beyond that the stream is not read, so a sender
+        that does not read its answers, or sends faster than they are committed, is held back
+        by flow control and the server's memory stays bounded.
         After the client half-closes, the stream ends once every batch has been answered. A
         message that does not parse ends the stream with ``INTERNAL`` (after the batches before
         it are answered), as it has no batch id to answer.
@@ -117,6 +119,7 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
                         await abort_for(context, stream.failure, "SubmitTasks")
                     return
                 yield answer
+                stream.slots.release()  # a batch holds its slot until its answer is sent
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -406,13 +409,11 @@ class _SubmitStream:
         else:
             answer = orchestrator_pb2.SubmitTasksResponse(batch_id=batch_id)
             _fill_created(answer.tasks, done.result())
-            self.slots.release()
             self.answers.put_nowait(answer)
         if self.input_done and not self.in_progress:
             self.answers.put_nowait(None)
 
     def _refuse(self, batch_id: int, code: grpc.StatusCode, message: str) -> None:
-        self.slots.release()
         self.answers.put_nowait(orchestrator_pb2.SubmitTasksResponse(
             batch_id=batch_id, code=code.value[0], message=message))
 
