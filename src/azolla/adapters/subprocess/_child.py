@@ -254,9 +254,12 @@ class _Worker:
         self.decoder = FrameDecoder(plan.max_request_bytes)
         #: Requests read but not yet served, with their index on the pipe.
         self.frames: deque[tuple[int, bytes]] = deque()
-        #: Indexes of requests revoked by the shepherd.
+        #: Indexes of requests revoked by the shepherd that have not been taken yet (a
+        #: revocation that arrives after its request was taken is dropped: bounded by prefetch).
         self.revoked: set[int] = set()
         self.received = 0
+        #: Index of the last request taken from :attr:`frames` (-1: none yet).
+        self.taken = -1
         self.eof = False
 
     def run(self) -> int:
@@ -300,12 +303,14 @@ class _Worker:
                 waiting = _INT.unpack(fcntl.ioctl(REQUEST_FD, termios.FIONREAD, _FIONREAD_ARG))[0]
                 if waiting > 0:
                     self._feed(os.read(REQUEST_FD, max(waiting, _READ_CHUNK)))
-            return frames.popleft()
-        while not frames:
-            if self.eof:
-                return None
-            self._feed(os.read(REQUEST_FD, _READ_CHUNK))
-        return frames.popleft()
+        else:
+            while not frames:
+                if self.eof:
+                    return None
+                self._feed(os.read(REQUEST_FD, _READ_CHUNK))
+        request = frames.popleft()
+        self.taken = request[0]
+        return request
 
     def _feed(self, data: bytes) -> None:
         if not data:
@@ -313,7 +318,9 @@ class _Worker:
             return
         for payload in self.decoder.feed(data):
             if payload and payload[0] == _REVOKE:
-                self.revoked.add(int(payload[1:]))
+                index = int(payload[1:])
+                if index > self.taken:  # else it was served already: its answer is on the way
+                    self.revoked.add(index)
             else:
                 self.frames.append((self.received, payload))
                 self.received += 1
