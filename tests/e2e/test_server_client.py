@@ -16,8 +16,10 @@ from _server_harness import RunningServer, start_server, store_settings, wait_st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from azolla import Client
 from azolla.adapters.grpc.pb import common_pb2 as pbc
 from azolla.adapters.grpc.pb import orchestrator_pb2 as pbo
+from azolla.adapters.grpc.pb import orchestrator_pb2_grpc as pbo_grpc
 
 pytestmark = [pytest.mark.grpc, pytest.mark.timeout(60)]
 
@@ -241,6 +243,35 @@ async def test_batches_over_the_size_limit_are_refused(request: pytest.FixtureRe
         assert len(server.orchestrator.taskset.tasks) == 3
     finally:
         await server.close()
+
+
+async def test_shutdown_ends_idle_client_streams_instead_of_waiting_out_its_grace(
+        request: pytest.FixtureRequest) -> None:
+    server = await start_server(store_settings(request, "memory", shutdown_grace_seconds=20))
+    closed = False
+    try:
+        async with Client(f"http://{server.server.address}", timeout=10) as client:
+            handle = await client.submit_task("t").submit()  # opens the SubmitTasks stream
+            waiting = asyncio.ensure_future(handle.wait(timeout=60))  # and a WatchTasks one
+            channel = grpc.aio.insecure_channel(server.server.address)  # not the harness's
+            raw = pbo_grpc.ClientServiceStub(channel).SubmitTasks()
+            await raw.write(_batch(1, pbo.CreateTaskRequest(name="late")))
+            first = await raw.read()
+            assert (first.batch_id, first.code) == (1, 0)
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await server.close()
+            closed = True
+            # Before drain, the open streams held the shutdown for the whole grace (20 s).
+            assert time.monotonic() - started < 5
+            assert await raw.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (await raw.details() or "")
+            await channel.close()
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+    finally:
+        if not closed:
+            await server.close()
 
 
 # -- validation ------------------------------------------------------------------------------

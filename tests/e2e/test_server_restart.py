@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from _server_harness import start_server, store_settings, wait_state
 
+from azolla import Client
 from azolla.adapters.grpc.pb import common_pb2 as pbc
 from azolla.adapters.grpc.pb import orchestrator_pb2 as pbo
+from azolla.app.settings import Settings
 
 pytestmark = [pytest.mark.grpc, pytest.mark.postgres, pytest.mark.timeout(90)]
 
@@ -89,3 +93,38 @@ async def test_unclaimed_attempts_are_retried_after_the_grace(
         assert [(c.task_id, c.attempt_number) for c in late.hello_ack.cancel] == [(task_id, 1)]
     finally:
         await second.close()
+
+
+async def test_an_sdk_client_goes_on_submitting_across_a_server_restart(
+        request: pytest.FixtureRequest) -> None:
+    """The client's SubmitTasks stream breaks with the server; the next submits reopen it."""
+    url = request.getfixturevalue("fresh_database_url")
+    first = await start_server(Settings(store="postgres", database_url=url, port=0))
+    port = first.server.port
+    settings = Settings(store="postgres", database_url=url, port=port)
+    async with Client(f"http://127.0.0.1:{port}", timeout=20) as client:
+        second = None
+        try:
+            try:
+                before = await client.submit_task("t", [1]).submit()
+            finally:
+                await first.close()
+            # Submitted while no server listens: with a key it is safe to send again, and it
+            # goes through once the server is back.
+            keyed = asyncio.ensure_future(
+                client.submit_task("t", [2]).idempotency_key("across-restart").submit())
+            await asyncio.sleep(0.3)
+            assert not keyed.done()
+            second = await start_server(settings)
+            during = await asyncio.wait_for(keyed, 30)
+            after = await client.submit_task("t", [3]).submit()
+            for handle, args in ((before, "[1]"), (during, "[2]"), (after, "[3]")):
+                status = await second.client.GetTaskStatus(
+                    pbo.GetTaskStatusRequest(task_id=handle.task_id))
+                assert status.args == args
+            again = await client.submit_task("t", [2]).idempotency_key("across-restart").submit()
+            assert (again.task_id, again.deduplicated) == (during.task_id, True)
+            assert client.stats().submit_streams_opened >= 2
+        finally:
+            if second is not None:
+                await second.close()

@@ -24,6 +24,7 @@ from azolla.adapters.grpc.status import RefusedRequest, abort_for, status_for
 from azolla.domain.errors import (
     AzollaDomainError,
     InvalidTaskSpec,
+    StoreUnavailable,
     TaskAlreadyTerminal,
     TaskNotFound,
 )
@@ -38,6 +39,7 @@ __all__ = ["ClientService"]
 Context = grpc.aio.ServicerContext[Any, Any]
 
 _log = logging.getLogger("azolla.grpc")
+_SHUTTING_DOWN = "the server is shutting down"
 
 _COMPLETED = orchestrator_pb2.WAIT_FOR_TASK_STATUS_COMPLETED
 _TIMEOUT = orchestrator_pb2.WAIT_FOR_TASK_STATUS_TIMEOUT
@@ -65,6 +67,25 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
         self.orchestrator = orchestrator
         self.max_batch = max_batch
         self.max_stream_in_flight = max_stream_in_flight
+        #: Open long-lived client streams, told to finish by :meth:`drain`.
+        self._submit_streams: set[_SubmitStream] = set()
+        self._watches: set[_MultiWatch] = set()
+        self._draining = False
+
+    def drain(self) -> None:
+        """Finish the long-lived client streams at shutdown, so that they do not hold it up.
+
+        ``SubmitTasks`` streams stop reading: the batches already read are answered, then the
+        stream ends ``UNAVAILABLE`` (a batch the client sent that was not read is, for the
+        client, one whose answer was lost; it is sent again when it has an idempotency key).
+        ``WatchTasks`` streams end ``UNAVAILABLE`` at once; clients reconnect and send their
+        ids again. Streams opened from now on are refused ``UNAVAILABLE``.
+        """
+        self._draining = True
+        for stream in list(self._submit_streams):
+            stream.stop_reading()
+        for watch in list(self._watches):
+            watch.fail(StoreUnavailable(_SHUTTING_DOWN))
 
     # -- submit ------------------------------------------------------------------------------
 
@@ -108,9 +129,13 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
         message that does not parse ends the stream with ``INTERNAL`` (after the batches before
         it are answered), as it has no batch id to answer.
         """
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         await context.send_initial_metadata(())  # the client may now send more than one batch
         stream = _SubmitStream(self, self.max_stream_in_flight)
         reader = asyncio.create_task(stream.read(request_iterator), name="azolla-submit-in")
+        stream.reader = reader
+        self._submit_streams.add(stream)
         try:
             while True:
                 answer = await stream.answers.get()
@@ -121,6 +146,7 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
                 yield answer
                 stream.slots.release()  # a batch holds its slot until its answer is sent
         finally:
+            self._submit_streams.discard(stream)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -256,8 +282,11 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
         tasks) leave in one response. After the client half-closes, the stream ends once
         every id it sent has been answered.
         """
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         watch = _MultiWatch(self.orchestrator)
         reader = asyncio.create_task(watch.read(request_iterator), name="azolla-watch-tasks-in")
+        self._watches.add(watch)
         try:
             while True:
                 await watch.wake.wait()
@@ -270,6 +299,7 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
                 if watch.input_done and not watch.watched:
                     return
         finally:
+            self._watches.discard(watch)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -363,6 +393,14 @@ class _SubmitStream:
         self.input_done = False
         #: Why reading stopped early; the stream ends with its status once all is answered.
         self.failure: BaseException | None = None
+        self.reader: asyncio.Task[None] | None = None
+
+    def stop_reading(self) -> None:
+        """Read no more batches; end the stream ``UNAVAILABLE`` once those read are answered."""
+        if self.failure is None:
+            self.failure = StoreUnavailable(_SHUTTING_DOWN)
+        if self.reader is not None:
+            self.reader.cancel()
 
     async def read(self, requests: AsyncIterator[Any]) -> None:
         try:
@@ -473,6 +511,11 @@ class _MultiWatch:
         undo = self.orchestrator.on_outcome(task_id, ended)
         if task_id in self.watched:
             self.watched[task_id] = undo
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error``'s status (see :meth:`ClientService.drain`)."""
+        self.failure = error
+        self.wake.set()
 
     def close(self) -> None:
         for undo in self.watched.values():

@@ -217,6 +217,7 @@ class GrpcServer:
             return
         await self.health.enter_graceful_shutdown()
         self.cluster_service.drain()
+        self.client_service.drain()
         await server.stop(self.options.shutdown_grace if grace is None else grace)
         await self.cluster_service.wait_background()
         log.info("gRPC server on %s stopped", self.address)
