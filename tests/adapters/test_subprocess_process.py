@@ -104,9 +104,22 @@ async def test_a_killed_fork_server_is_replaced() -> None:
         await executor.close()
 
 
-async def test_attempts_of_a_dead_fork_server_fail_as_crashed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pid_reported", [True, False], ids=["pid-known", "pid-never-reported"])
+async def test_attempts_of_a_dead_fork_server_fail_as_crashed_and_their_workers_die(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pid_reported: bool
+) -> None:
+    # The fork server forks the worker (which starts its request at once) and then reports its
+    # pid. Dropping that report recreates the race where it dies in between: the shepherd never
+    # learns the pid, so only PR_SET_PDEATHSIG stops the worker, and the attempt may have run.
     executor = make()
     try:
+        await executor.start()
+        if not pid_reported:
+            client = executor._forkserver
+            dispatch = client._dispatch
+            monkeypatch.setattr(
+                client, "_dispatch", lambda m: None if m.get("op") == "spawned" else dispatch(m)
+            )
         marker = tmp_path / "running"
         running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
         worker = int(await wait_for_file(marker))
@@ -117,35 +130,6 @@ async def test_attempts_of_a_dead_fork_server_fail_as_crashed(tmp_path: Path) ->
         assert (outcome.error_type, outcome.retriable) == ("WorkerCrashed", True)
         assert orjson.loads(outcome.error_data)["reason"] == "the fork server died"
         assert await wait_gone(worker), "the attempt's process outlived its fork server"
-        assert (await executor.execute(req("add", 2, 2))).value_json == "4"
-    finally:
-        await executor.close()
-
-
-async def test_a_worker_whose_fork_server_dies_before_naming_it_dies_too_and_counts_as_crashed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The fork server forks the worker (which starts its request at once) and then reports its
-    # pid. Dropping that report recreates the race where it dies in between: the shepherd never
-    # learns the pid, so only PR_SET_PDEATHSIG stops the worker, and the attempt may have run.
-    executor = make()
-    try:
-        await executor.start()
-        client = executor._forkserver
-        dispatch = client._dispatch
-        monkeypatch.setattr(
-            client, "_dispatch", lambda m: None if m.get("op") == "spawned" else dispatch(m)
-        )
-        marker = tmp_path / "running"
-        running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
-        worker = int(await wait_for_file(marker))
-        fork_server = executor.fork_server_pid
-        assert fork_server is not None
-        os.kill(fork_server, signal.SIGKILL)
-        outcome = await asyncio.wait_for(running, 20)
-        assert (outcome.error_type, outcome.retriable) == ("WorkerCrashed", True)
-        assert orjson.loads(outcome.error_data)["reason"] == "the fork server died"
-        assert await wait_gone(worker), "a worker the shepherd never saw outlived its fork server"
         monkeypatch.undo()
         assert (await executor.execute(req("add", 2, 2))).value_json == "4"
     finally:
