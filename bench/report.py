@@ -538,9 +538,10 @@ METHOD = """\
   shepherds with `--prefetch 1`, which is off by default; the recovery phases use the
   defaults).
 * Phases per library (`bench/peers/common.py`): sequential single submits on one client
-  (per-call latency percentiles); batch submit, 1,000 per call; single submits from many
-  coroutines of one process (Azolla's SDK coalesces them into `CreateTasks` batches; the peers
-  use a 10-connection pool); then per worker config an end-to-end run (workers idle and ready,
+  (per-call latency percentiles; Azolla's SDK sends each as a message of its `SubmitTasks`
+  stream); batch submit, 1,000 per call; single submits from many coroutines of one process
+  (Azolla's SDK coalesces them into batches on that stream; the peers use a 10-connection
+  pool); then per worker config an end-to-end run (workers idle and ready,
   N no-op tasks batch-submitted, clock from the first submit to the last completion recorded
   in the database) and a paced run at 50 % of that config's end-to-end rate (each submit its
   own coroutine on an absolute schedule).

@@ -9,7 +9,8 @@ How the harness's surface maps onto Azolla:
 
 * the producer is the client SDK (``azolla.Client``): ``enqueue_one`` = one awaited
   ``submit_task("noop", ...).submit()`` (concurrent callers are coalesced by the SDK),
-  ``enqueue_batch`` = ``submit_many`` (one ``CreateTasks`` RPC per 1,000 tasks);
+  ``enqueue_batch`` = ``submit_many`` (one batch per 1,000 tasks); both travel on the SDK's
+  ``SubmitTasks`` stream;
 * a "worker" is one ``azolla-shepherd`` process (``--mode pool|process``, concurrency C) running
   ``bench.tasks_noop``; the harness's worker subprocess starts it, waits until the orchestrator
   lists it and its pool is idle, and stops it (SIGTERM, then SIGKILL) on SIGTERM;

@@ -330,12 +330,12 @@ class Client:
         timeout: float | None = None,
         idempotency_keys: Sequence[str] | None = None,
     ) -> list[TaskHandle]:
-        """Submit many runs of one task in one round trip (``CreateTasks``).
+        """Submit many runs of one task in one round trip (one ``SubmitTasks`` batch).
 
         Each element of ``args_list`` is mapped like the ``args`` of :meth:`submit_task`
         (dict: keyword arguments; list or tuple: positional; other: one argument). All tasks
         are validated first; the server accepts or rejects a batch as a whole. More than
-        ``max_batch_size`` tasks go in several concurrent RPCs, each all-or-nothing.
+        ``max_batch_size`` tasks go in several concurrent batches, each all-or-nothing.
 
         Args:
             task: A task name, an ``@azolla_task`` or a function.
