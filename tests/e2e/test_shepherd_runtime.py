@@ -251,14 +251,19 @@ async def test_the_briefs_task_runs_on_a_shepherd(server: ServerProc, shepherds:
 async def test_worker_command_mode_runs_azolla_worker(server: ServerProc,
                                                       shepherds: Shepherds,
                                                       client: Client) -> None:
-    await shepherds.start(server, extra=("--worker-command", str(BIN / "azolla-worker")))
+    shepherd, _ = await shepherds.start(
+        server, extra=("--worker-command", str(BIN / "azolla-worker")))
     handle = await client.submit_task("greet_user", {"name": "Ada", "age": 36}).submit()
     result = await wait_result(handle)
     assert result.success, result.error
     assert result.value["greeting"] == "Hello Ada! You are 36 years old."
     retried = await client.submit_task("flaky", {"succeed_on": 2}).retry_policy(
         fixed(2)).submit()
-    assert (await wait_result(retried)).value == {"attempt": 2}
+    outcome = await wait_result(retried)
+    # In full CI runs an azolla-worker once in a while dies of SIGSEGV before it reports (not
+    # reproduced locally); say everything about it (its stderr holds faulthandler's report).
+    assert outcome.success, (outcome.error, shepherd.output()[-4000:])
+    assert outcome.value == {"attempt": 2}
 
 
 async def test_a_retryable_error_then_success(server: ServerProc, shepherds: Shepherds,
