@@ -179,17 +179,23 @@ async def test_requests_and_results_have_size_limits() -> None:
         await executor.close()
 
 
+async def cancel_and_check_killed(executor: ProcessExecutor, running: asyncio.Future[Any],
+                                  victim: int) -> None:
+    """Cancel the caller of a running attempt: its worker must die and the executor go on."""
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert await wait_gone(victim)
+    assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+
+
 async def test_a_caller_that_stops_waiting_kills_the_attempt(tmp_path: Path) -> None:
     executor = make()
     try:
         marker = tmp_path / "running"
         running = asyncio.ensure_future(executor.execute(req("sleep_marked", str(marker), 30)))
         victim = int(await wait_for_file(marker))
-        running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
-        assert await wait_gone(victim)
-        assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+        await cancel_and_check_killed(executor, running, victim)
     finally:
         await executor.close()
 
@@ -209,11 +215,7 @@ async def test_a_caller_that_stops_waiting_while_its_worker_is_forked_kills_it(
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.01)  # noqa: ASYNC251  (deliberately blocking: "spawned" is not read)
         victim = int(marker.read_text())
-        running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
-        assert await wait_gone(victim)
-        assert (await executor.execute(req("add", 1, 1))).value_json == "2"
+        await cancel_and_check_killed(executor, running, victim)
     finally:
         await executor.close()
 

@@ -106,7 +106,7 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
     ) -> orchestrator_pb2.CreateTasksResponse:
         """Create many tasks in one commit; all or nothing."""
         try:
-            results = await self._create_all(request.tasks, "a CreateTasks request")
+            results = await self._begin_create(request.tasks, "a CreateTasks request")
         except Exception as exc:
             await abort_for(context, exc, "CreateTasks")
         response = orchestrator_pb2.CreateTasksResponse()
@@ -150,11 +150,6 @@ class ClientService(orchestrator_pb2_grpc.ClientServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-
-    async def _create_all(self, tasks: Sequence[orchestrator_pb2.CreateTaskRequest],
-                          what: str) -> list[SubmitResult]:
-        """Convert and create ``tasks`` (all or nothing); errors name the failing index."""
-        return await self._begin_create(tasks, what)
 
     def _begin_create(self, tasks: Sequence[orchestrator_pb2.CreateTaskRequest],
                       what: str) -> asyncio.Future[list[SubmitResult]]:
