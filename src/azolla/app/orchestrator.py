@@ -91,6 +91,10 @@ log = logging.getLogger("azolla.orchestrator")
 MAX_FUTURE_SECONDS = 10 * 365 * 86_400.0
 #: Longest pause of the decision loop after commits that keep failing (seconds).
 MAX_COMMIT_BACKOFF = 1.0
+#: Passes of the event loop the decision loop yields after sending a batch: one for the
+#: append coroutine to queue it, one for the store's writer to hand it to a connection, one
+#: for that connection's task to write it (``PostgresEventStore``; a test pins the overlap).
+LOOP_PASSES_TO_SEND = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -851,6 +855,12 @@ class Orchestrator:
         if self._inflight is not None and not await self._settle_inflight(then_fail=batch):
             return
         self._send(batch, now)
+        if self._inflight is not None:
+            # Let the store put the batch on the wire before the next step: deciding is
+            # synchronous, so without these passes of the event loop the commit would wait
+            # for the whole next step instead of overlapping it.
+            for _ in range(LOOP_PASSES_TO_SEND):
+                await asyncio.sleep(0)
 
     def _barrier_due(self) -> bool:
         """True when the next step must not overlap the commit in flight."""
