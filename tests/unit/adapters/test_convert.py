@@ -7,6 +7,8 @@ import math
 from uuid import UUID, uuid4
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from azolla.adapters.grpc import convert
 from azolla.adapters.grpc.pb import common_pb2, orchestrator_pb2
@@ -289,6 +291,57 @@ def test_unstorable_values_are_refused(any_value: common_pb2.AnyValue) -> None:
 def test_value_round_trip(value: object) -> None:
     text = json.dumps(value)
     assert json.loads(convert.any_to_value_json(convert.value_json_to_any(text))) == value
+
+
+def _stdlib_accepts(text: str) -> bool:
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    try:
+        json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _check_accepts(text: str) -> bool:
+    try:
+        convert.check_json_text(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+_JSON_PIECES = st.sampled_from([
+    "[", "]", "{", "}", ",", ":", '"', "\\", "\\u", "d800", "dc00", "0", "-", "1e400", "1.",
+    ".5", "e", "NaN", "Infinity", "null", "true", "tru", " ", "\t", "\x00", "\x1f", "\ufeff",
+    "é", "123456789012345678901234567890", "a",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    _JSON_VALUES.map(json.dumps),
+    _JSON_VALUES.map(lambda v: json.dumps(v, ensure_ascii=False, indent=1)),
+    st.lists(_JSON_PIECES, max_size=12).map("".join),
+    st.text(max_size=20),
+))
+def test_the_json_check_accepts_exactly_what_the_stdlib_parser_accepts(text: str) -> None:
+    assert _check_accepts(text) == _stdlib_accepts(text)
+
+
+@pytest.mark.parametrize("text", [
+    "1e400", "-1E999", "123456789012345678901234567890", '"\\ud800"', '["\\udc00x"]',
+    "[" * 600 + "]" * 600, "[" * 1010 + "]" * 1010, "[" * 1100 + "]" * 1100,
+    "NaN", "[-Infinity]", "[1,]", "01", "\ufeffnull",
+])
+def test_the_json_check_agrees_where_orjson_and_the_stdlib_differ(text: str) -> None:
+    assert _check_accepts(text) == _stdlib_accepts(text)
 
 
 # -- errors and results ----------------------------------------------------------------------
