@@ -9,6 +9,13 @@ in its own process; the client (default asyncio loop, like the benchmark produce
 * ``stream_pipelined``: one bidirectional stream, the client writes as fast as it can while it
   reads the echoes: message pairs/s.
 
+With a database (``run.py`` passes its private cluster's; ``--dsn`` here), also:
+
+* ``commit_seq``: sequential one-row ``INSERT`` statements, each its own durable transaction
+  (asyncpg, prepared, ``fsync`` and ``synchronous_commit`` on): p50/p95/p99, commits/s. An
+  acknowledged submit needs one gRPC round trip and one durable commit, so ``unary_seq`` +
+  ``commit_seq`` is the floor under Azolla's submit latency.
+
 Messages are 16 bytes, no protobuf (generic handlers on raw bytes), so the figures are the cost
 of gRPC and the event loops alone. Usage::
 
@@ -190,6 +197,34 @@ async def measure(target: str, seconds: float = 3.0, concurrency: int = 64,
     return out
 
 
+async def commit_floor(dsn: str, seconds: float = 3.0) -> dict[str, Any]:
+    """Sequential one-row durable commits on ``dsn`` (a table made and dropped here)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    table = f"bench_commit_floor_{int(time.time() * 1000)}"
+    try:
+        await conn.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, payload text)")
+        insert = await conn.prepare(f"INSERT INTO {table} (payload) VALUES ($1)")
+        for _ in range(50):  # warm: plan cached, table pages in memory
+            await insert.fetch("warm-up")
+        lat: list[float] = []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds and len(lat) < 1_000_000:
+            t = time.perf_counter()
+            await insert.fetch('{"name": "noop"}')
+            lat.append((time.perf_counter() - t) * 1000)
+        elapsed = time.perf_counter() - t0
+        settings = {name: await conn.fetchval(f"SHOW {name}")
+                    for name in ("fsync", "synchronous_commit")}
+        return {"commits": len(lat), "per_s": len(lat) / elapsed, "lat_ms": _lat(lat),
+                "settings": settings}
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
 def run_baseline(python: str, seconds: float, concurrency: int = 64,
                  port: int | None = None) -> dict[str, Any]:
     """Start the echo server in a subprocess, measure from this process, stop the server."""
@@ -226,6 +261,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per figure")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--dsn", default=None,
+                    help="also measure sequential durable commits on this database")
     a = ap.parse_args()
     if a.mode == "serve":
         if a.port is None:
@@ -233,6 +270,8 @@ def main() -> None:
         serve(a.port)
         return
     result = run_baseline(sys.executable, a.seconds, a.concurrency, a.port)
+    if a.dsn:
+        result["commit_seq"] = asyncio.run(commit_floor(a.dsn, a.seconds))
     text = json.dumps(result, indent=1)
     print(text)
     if a.json:

@@ -258,6 +258,15 @@ def rows(s: dict[str, Any]) -> list[dict[str, Any]]:
                       {"azolla": dig(b, "stream_pingpong", "lat_ms", "p50")}))
         r.append(_row("Floor: bidi stream message pairs, pipelined", "pairs/s", "higher",
                       {"azolla": dig(b, "stream_pipelined", "per_s")}))
+        commit_p50 = dig(b, "commit_seq", "lat_ms", "p50")
+        unary_p50 = dig(b, "unary_seq", "lat_ms", "p50")
+        if commit_p50 is not None:
+            r.append(_row("Floor: one-row INSERT + durable COMMIT p50 (asyncpg, sequential)",
+                          "ms", "lower", {"azolla": commit_p50}))
+            if unary_p50 is not None:
+                r.append(_row("Floor: unary round trip + durable commit (p50s added): the "
+                              "least an acknowledged submit can take", "ms", "lower",
+                              {"azolla": unary_p50 + commit_p50}))
     return r
 
 

@@ -10,7 +10,8 @@ One command::
 It starts a private PostgreSQL cluster (fsync and synchronous_commit on, the peers' settings),
 then measures, in this order:
 
-1. baseline: a no-op grpc.aio unary round trip and bidi stream message pair (bench/baseline.py);
+1. baseline: a no-op grpc.aio unary round trip and bidi stream message pair, and a one-row
+   durable commit (bench/baseline.py);
 2. per repeat, interleaved: Azolla (pool mode, then process mode), PgQueuer, Procrastinate
    through the same harness (bench/peers/common.py): sequential single submits (latency
    percentiles and CPU per call), batch submits, concurrent single submits, and per worker
@@ -274,6 +275,11 @@ def main() -> int:
             log("baseline: no-op grpc.aio unary and bidi stream (echo server subprocess)")
             results["baseline"] = baseline.run_baseline(sys.executable, p["baseline_seconds"])
             b = results["baseline"]
+            floor_dsn = asyncio.run(_infra.fresh_database(cluster.dsn("postgres"), "floor"))
+            b["commit_seq"] = asyncio.run(baseline.commit_floor(floor_dsn,
+                                                                p["baseline_seconds"]))
+            log(f"  durable one-row commit p50 {b['commit_seq']['lat_ms']['p50']:.3f} ms, "
+                f"{b['commit_seq']['per_s']:.0f}/s sequential")
             log(f"  unary p50 {b['unary_seq']['lat_ms']['p50']:.3f} ms, "
                 f"{b['unary_seq']['per_s']:.0f}/s sequential, "
                 f"{b['unary_conc']['per_s']:.0f}/s concurrent; stream pair p50 "
