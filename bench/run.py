@@ -18,7 +18,8 @@ then measures, in this order:
    config: end-to-end throughput of N no-op tasks (batch submits), the same with single
    submits from many callers, and submit-to-start latency paced at 50 % of the smallest of
    those capacities. Azolla runs as ``azolla-server`` plus ``azolla-shepherd`` subprocesses;
-3. Azolla only: single submits from several client processes at once, py-spy profiles of the
+3. Azolla only: single submits from several client processes at once, 256 submit-then-wait
+   loops through the plain API (the best pool config's shepherds), py-spy profiles of the
    orchestrator and a shepherd at peak load, orchestrator kill -9 + restart with 10k unfinished
    tasks, shepherd kill -9 with attempts running.
 
@@ -61,6 +62,7 @@ PROFILES = {
         "configs": {"azolla-pool": "1x32", "azolla-process": "1x8", "pgqueuer": "1x50",
                     "procrastinate": "2x10"},
         "process_n": 500, "baseline_seconds": 1.5, "submitters": (2, 64, 2500),
+        "waitloops": (256, 5000),
         "profile_seconds": 8.0, "recovery_unfinished": 10_000, "harness_timeout": 420,
     },
     "full": {
@@ -68,6 +70,7 @@ PROFILES = {
         "configs": {"azolla-pool": "1x16,1x32,1x64,2x16", "azolla-process": "1x8,1x16",
                     "pgqueuer": "1x10,2x10,1x50,1x0", "procrastinate": "1x10,2x10,1x50"},
         "process_n": 2000, "baseline_seconds": 3.0, "submitters": (4, 64, 5000),
+        "waitloops": (256, 20000),
         "profile_seconds": 20.0, "recovery_unfinished": 10_000, "harness_timeout": 1500,
     },
 }
@@ -216,7 +219,7 @@ def main() -> int:
     ap.add_argument("--peers", default="pgqueuer,procrastinate",
                     help="comma separated; empty = Azolla only")
     ap.add_argument("--skip", default="", help="comma separated steps to skip: baseline, "
-                    "process, submitters, profile, recovery")
+                    "process, submitters, waitloops, profile, recovery")
     ap.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                     help="update docs/benchmarks.md, the plot, bench/profiles/ and "
                          "bench/results/system_vs_peers.json (default: on for the full run)")
@@ -329,6 +332,21 @@ def main() -> int:
                 endpoint, procs, coroutines, per_proc, out_dir)
             results["submitters"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
             log(f"  -> {results['submitters'].get('per_s', 0):.0f} tasks/s")
+        if "waitloops" not in skip:
+            loops, n_wait = p["waitloops"]
+            cfg = report.best_config(results, "azolla-pool") or "1x32"
+            shepherds, conc = (int(x) for x in cfg.split("x"))
+            log(f"azolla: {loops} submit-then-wait loops through the plain API, {n_wait} tasks, "
+                f"pool shepherds {cfg}")
+            before = FOREIGN.sample()
+            try:
+                results["waitloops"] = asyncio.run(system.submit_wait_loops(
+                    endpoint, out_dir, shepherds, conc, loops, n_wait))
+                log(f"  -> {results['waitloops']['per_s']:.0f} tasks/s")
+            except Exception as exc:
+                results["waitloops"] = {"error": repr(exc)}
+                log(f"  !! {exc!r}")
+            results["waitloops"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
         prof_dir = (ROOT / "bench" / "profiles") if docs else (out_dir / "profiles")
         if "profile" not in skip:
             cfg = report.best_config(results, "azolla-pool") or "1x16"

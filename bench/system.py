@@ -130,6 +130,56 @@ def multi_client_submit(endpoint: str, processes: int, coroutines: int, n_per_pr
             "largest_batch": max(p["largest_batch"] for p in parts)}
 
 
+# -- submit-then-wait loops through the plain API (issue 7) -----------------------------------
+
+async def submit_wait_loops(endpoint: str, log_dir: Path, shepherds: int, concurrency: int,
+                            loops: int = 256, n: int = 20_000) -> dict[str, Any]:
+    """``loops`` coroutines of one client, each ``await (await submit()).wait()`` in a loop.
+
+    The plain API only (``submit_task(...).submit()`` then ``handle.wait()``), as an
+    application would write it; the SDK coalesces the submits into batches and the waits onto
+    one watch stream. ``shepherds`` pool shepherds of ``concurrency`` each run the tasks, in a
+    domain of their own. Returns tasks/s (first submit to last result) and the loop latency.
+    """
+    from azolla import Client
+
+    domain = f"waitloops-{os.getpid()}-{int(time.time())}"
+    procs = [_infra.start_shepherd(endpoint, "pool", concurrency, domain, log_dir,
+                                   name=f"waitloops-shepherd-{i}",
+                                   extra=_infra.POOL_BENCH_OPTIONS)
+             for i in range(shepherds)]
+    lat: list[float] = []
+    failed = 0
+    try:
+        await _infra.wait_shepherds(endpoint, domain, shepherds, procs, timeout=60)
+        await _infra.wait_quiet([p.pid for p in procs], timeout=30)
+        async with Client.connect(endpoint, domain=domain, timeout=60) as client:
+            for _ in range(20):  # warm the channel, the watch stream and the workers
+                await (await client.submit_task("noop").submit()).wait(timeout=60)
+            counter = iter(range(n))
+
+            async def loop() -> None:
+                nonlocal failed
+                for _ in counter:
+                    t = time.perf_counter()
+                    result = await (await client.submit_task("noop").submit()).wait(timeout=60)
+                    lat.append((time.perf_counter() - t) * 1000)
+                    failed += not result.success
+
+            t0 = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(loop() for _ in range(loops))), 300)
+            elapsed = time.perf_counter() - t0
+            stats = client.stats()
+    finally:
+        for proc in procs:
+            proc.stop(timeout=15)
+    return {"loops": loops, "tasks": n, "failed": failed, "seconds": elapsed,
+            "per_s": n / elapsed, "shepherds": shepherds, "concurrency": concurrency,
+            "lat_ms": {f"p{q}": _pct(lat, q) for q in (50, 95, 99)},
+            "submit_batches": stats.submit_batches,
+            "largest_batch": stats.largest_submit_batch}
+
+
 # -- recovery: orchestrator kill -9 and restart ----------------------------------------------
 
 async def orchestrator_restart(server_dsn: str, log_dir: Path, unfinished: int = 10_000,
