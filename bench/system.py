@@ -547,6 +547,28 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
 
 # -- command line (the submitter process) -----------------------------------------------------
 
+def _restart_repeats(repeats: int, unfinished: int) -> None:
+    """Run :func:`orchestrator_restart` ``repeats`` times on a private cluster; print each."""
+    import tempfile
+
+    keys = ("start_to_serving_empty_db_s", "restart_cpu_to_serving_s", "restart_to_serving_s",
+            "restart_to_first_dispatch_s", "restart_to_first_task_start_s")
+    with tempfile.TemporaryDirectory(prefix="azolla-restart-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o777)  # the cluster runs as the postgres user
+        cluster = _infra.BenchCluster(work / "pg")
+        cluster.start()
+        try:
+            for i in range(repeats):
+                result = asyncio.run(orchestrator_restart(cluster.dsn("postgres"), work,
+                                                          unfinished))
+                print(json.dumps({"repeat": i + 1, **{k: result.get(k) for k in keys}}),
+                      flush=True)
+        finally:
+            _infra.kill_all()
+            cluster.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Azolla system benchmark helpers")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -559,10 +581,16 @@ def main() -> None:
     s.add_argument("--out", required=True)
     p = sub.add_parser("summarize-profile", help="top frames of a py-spy raw file")
     p.add_argument("file")
+    r = sub.add_parser("restart", help="the orchestrator kill -9 + restart phase alone, "
+                       "on a private cluster, --repeats times")
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--unfinished", type=int, default=10_000)
     a = ap.parse_args()
     if a.cmd == "submitter":
         result = asyncio.run(_submitter(a.endpoint, a.domain, a.n, a.coroutines, a.start_at))
         Path(a.out).write_text(json.dumps(result))
+    elif a.cmd == "restart":
+        _restart_repeats(a.repeats, a.unfinished)
     else:
         print(json.dumps(summarize_profile(Path(a.file)), indent=1))
 
