@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,21 @@ class ForeignLoad:
 
 
 FOREIGN = ForeignLoad()
+
+
+def _azolla_phase(results: dict[str, Any], key: str, phase: Coroutine[Any, Any, Any],
+                  summary: Callable[[dict[str, Any]], str] | None = None) -> None:
+    """Run one Azolla-only phase; store its result (or its error) and the foreign load meanwhile
+    under ``results[key]``, and log ``summary(result)`` when given."""
+    before = FOREIGN.sample()
+    try:
+        results[key] = asyncio.run(phase)
+        if summary is not None:
+            log(f"  -> {summary(results[key])}")
+    except Exception as exc:
+        results[key] = {"error": repr(exc)}
+        log(f"  !! {exc!r}")
+    results[key]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
 
 
 def ensure_peer_venv(python: Path) -> None:
@@ -338,58 +354,32 @@ def main() -> int:
             shepherds, conc = (int(x) for x in cfg.split("x"))
             log(f"azolla: {loops} submit-then-wait loops through the plain API, {n_wait} tasks, "
                 f"pool shepherds {cfg}")
-            before = FOREIGN.sample()
-            try:
-                results["waitloops"] = asyncio.run(system.submit_wait_loops(
-                    endpoint, out_dir, shepherds, conc, loops, n_wait))
-                log(f"  -> {results['waitloops']['per_s']:.0f} tasks/s")
-            except Exception as exc:
-                results["waitloops"] = {"error": repr(exc)}
-                log(f"  !! {exc!r}")
-            results["waitloops"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
+            _azolla_phase(results, "waitloops", system.submit_wait_loops(
+                endpoint, out_dir, shepherds, conc, loops, n_wait),
+                lambda r: f"{r['per_s']:.0f} tasks/s")
         prof_dir = (ROOT / "bench" / "profiles") if docs else (out_dir / "profiles")
         if "profile" not in skip:
             cfg = report.best_config(results, "azolla-pool") or "1x16"
             procs_, conc = (int(x) for x in cfg.split("x"))
             log(f"azolla: py-spy profiles at peak load ({p['profile_seconds']:.0f} s, pool, "
                 f"concurrency {procs_ * conc})")
-            before = FOREIGN.sample()
-            try:
-                results["profiles"] = asyncio.run(system.profile_peak(
-                    endpoint, server.pid, dsn, out_dir, prof_dir, "pool", procs_ * conc,
-                    p["profile_seconds"]))
-            except Exception as exc:
-                results["profiles"] = {"error": repr(exc)}
-                log(f"  !! {exc!r}")
-            results["profiles"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
+            _azolla_phase(results, "profiles", system.profile_peak(
+                endpoint, server.pid, dsn, out_dir, prof_dir, "pool", procs_ * conc,
+                p["profile_seconds"]))
         server.stop()
         server = None
 
         if "recovery" not in skip:
             log(f"azolla: orchestrator kill -9 + restart with {p['recovery_unfinished']} "
                 "unfinished tasks")
-            before = FOREIGN.sample()
-            try:
-                results["restart"] = asyncio.run(system.orchestrator_restart(
-                    cluster.dsn("postgres"), out_dir, p["recovery_unfinished"],
-                    profile_dir=None if "profile" in skip else prof_dir))
-                shown = {k: v for k, v in results["restart"].items() if k != "startup_profile"}
-                log(f"  -> {json.dumps(report.rounded(shown))}")
-            except Exception as exc:
-                results["restart"] = {"error": repr(exc)}
-                log(f"  !! {exc!r}")
-            results["restart"]["foreign_load_pct"] = FOREIGN.pct(before, FOREIGN.sample())
+            _azolla_phase(results, "restart", system.orchestrator_restart(
+                cluster.dsn("postgres"), out_dir, p["recovery_unfinished"],
+                profile_dir=None if "profile" in skip else prof_dir),
+                lambda r: json.dumps(report.rounded(
+                    {k: v for k, v in r.items() if k != "startup_profile"})))
             log("azolla: shepherd kill -9 with attempts running")
-            before = FOREIGN.sample()
-            try:
-                results["shepherd_death"] = asyncio.run(system.shepherd_death(
-                    cluster.dsn("postgres"), out_dir))
-                log(f"  -> {json.dumps(report.rounded(results['shepherd_death']))}")
-            except Exception as exc:
-                results["shepherd_death"] = {"error": repr(exc)}
-                log(f"  !! {exc!r}")
-            results["shepherd_death"]["foreign_load_pct"] = FOREIGN.pct(before,
-                                                                        FOREIGN.sample())
+            _azolla_phase(results, "shepherd_death", system.shepherd_death(
+                cluster.dsn("postgres"), out_dir), lambda r: json.dumps(report.rounded(r)))
         results["background_busy_pct_after"] = host_busy(2.0)
     except KeyboardInterrupt:
         log("interrupted")
