@@ -855,10 +855,11 @@ class Orchestrator:
         if self._inflight is not None and not await self._settle_inflight(then_fail=batch):
             return
         self._send(batch, now)
-        if self._inflight is not None:
-            # Let the store put the batch on the wire before the next step: deciding is
+        if self._inflight is not None and (self._inbox or self._dispatch_wanted):
+            # A next step is due: let the store put the batch on the wire first. Deciding is
             # synchronous, so without these passes of the event loop the commit would wait
-            # for the whole next step instead of overlapping it.
+            # for the whole next step instead of overlapping it. (With nothing to decide, the
+            # loop goes to sleep and the store sends at once: a lone submit pays nothing.)
             for _ in range(LOOP_PASSES_TO_SEND):
                 await asyncio.sleep(0)
 
